@@ -1,0 +1,25 @@
+"""DVC stage: download and verify the four MNIST files into ``data/``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from pipeline.data import download_mnist
+from pipeline.params import load_params
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--out", type=Path, default=Path("data"))
+    parser.add_argument("--partial-dir", type=Path, default=Path(".cache/downloads"))
+    args = parser.parse_args()
+    data = load_params(args.params).data
+    download_mnist(args.out, data.mirrors, args.partial_dir, data.timeout_s, data.retries)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main()

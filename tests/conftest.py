@@ -1,0 +1,161 @@
+"""Shared fixtures: the real MNIST files (from ../shared/mnist, served over loopback HTTP so
+the real download path runs) and a shrunken config that tests feed to the same code users
+run."""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pipeline.data import FILES
+from pipeline.params import Params, apply_overrides, load_preset, parse_params
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_MNIST = REPO.parent / "shared" / "mnist"
+
+# A fault is (status, body_transform, delay_s); the server pops one per request to a path,
+# then serves normally.
+Fault = tuple[int, Callable[[bytes], bytes] | None, float]
+
+
+class MirrorHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: Any) -> None:  # keep pytest output clean
+        pass
+
+    def do_GET(self) -> None:
+        server: MirrorServer = self.server  # type: ignore[assignment]
+        name = self.path.rsplit("/", 1)[-1]
+        server.requests.append((self.path, self.headers.get("Range")))
+        faults = server.faults.get(name, [])
+        status, transform, delay = faults.pop(0) if faults else (200, None, 0.0)
+        path = server.root / name
+        if status != 200 or not path.is_file():
+            self.send_response(status if status != 200 else 404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        body = path.read_bytes()
+        claimed = len(body)
+        if transform is not None:
+            body = transform(body)
+        start = 0
+        ranged = self.headers.get("Range")
+        if ranged and server.honour_range:
+            start = int(ranged.removeprefix("bytes=").split("-")[0])
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{claimed - 1}/{claimed}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(claimed - start))
+        self.end_headers()
+        if delay:
+            time.sleep(delay)
+        with contextlib.suppress(ConnectionError):
+            self.wfile.write(body[start:])
+            self.wfile.flush()
+        self.close_connection = True
+
+
+class MirrorServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(("127.0.0.1", 0), MirrorHandler)
+        self.root = root
+        self.faults: dict[str, list[Fault]] = {}
+        self.requests: list[tuple[str, str | None]] = []
+        self.honour_range = True
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/mnist/"
+
+
+@pytest.fixture(scope="session")
+def shared_mnist() -> Path:
+    if not all((SHARED_MNIST / spec.gz_name).is_file() for spec in FILES):
+        pytest.fail(f"MNIST test data missing: expected the four .gz files in {SHARED_MNIST}")
+    return SHARED_MNIST
+
+
+@contextlib.contextmanager
+def serve_mirror(root: Path) -> Iterator[MirrorServer]:
+    server = MirrorServer(root)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture
+def mirror(shared_mnist: Path) -> Iterator[MirrorServer]:
+    """A loopback HTTP mirror of ../shared/mnist; set ``mirror.faults`` to inject failures."""
+    with serve_mirror(shared_mnist) as server:
+        yield server
+
+
+@pytest.fixture
+def mirror_factory(shared_mnist: Path) -> Iterator[Callable[[Path], MirrorServer]]:
+    with contextlib.ExitStack() as stack:
+        yield lambda root=shared_mnist: stack.enter_context(serve_mirror(root))
+
+
+@pytest.fixture(scope="session")
+def mnist_dir(shared_mnist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data/ folder holding the four verified files, as the download stage leaves it."""
+    data = tmp_path_factory.mktemp("data")
+    for spec in FILES:
+        shutil.copy(shared_mnist / spec.gz_name, data / spec.gz_name)
+    return data
+
+
+@pytest.fixture(scope="session")
+def raw_params() -> dict[str, Any]:
+    with (REPO / "params.yaml").open() as handle:
+        return yaml.safe_load(handle)
+
+
+@pytest.fixture(scope="session")
+def smoke_params(raw_params: dict[str, Any]) -> Params:
+    """params.yaml with the smoke preset applied: 1 epoch on 512 images, tiny nets, CPU."""
+    return parse_params(apply_overrides(raw_params, load_preset("smoke")))
+
+
+@pytest.fixture
+def repo_copy(tmp_path: Path) -> Path:
+    """A fresh git + DVC copy of this repo's tracked sources, for end-to-end `dvc` runs."""
+    import subprocess
+
+    dest = tmp_path / "repo"
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    for name in files:
+        source = REPO / name
+        if source.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+    git = ["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci"]
+    subprocess.run([*git, "init", "-q"], cwd=dest, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-qm", "copy"], cwd=dest, check=True)
+    return dest
