@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.stage import UserError
+
 if TYPE_CHECKING:  # TensorFlow is imported lazily: the download stage must not pay ~6 s for it.
     import tensorflow as tf
 
@@ -79,7 +81,7 @@ FILES = (
 SPLITS = {"train": (FILES[0], FILES[1]), "test": (FILES[2], FILES[3])}
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     """No mirror served a file whose content verified."""
 
 
@@ -103,8 +105,10 @@ def parse_idx(raw: bytes, expected: IdxFile | None = None) -> np.ndarray:
     if magic >> 8 != 0x08:  # high bytes 0, third byte 0x08 = unsigned byte data
         raise IdxFormatError(f"bad IDX magic {magic:#010x}: expected unsigned-byte data (0x08)")
     ndim = magic & 0xFF
-    if ndim == 0 or len(raw) < 4 + 4 * ndim:
-        raise IdxFormatError(f"bad IDX magic {magic:#010x}: header of {ndim} dimensions")
+    if ndim == 0:
+        raise IdxFormatError(f"bad IDX magic {magic:#010x}: header of 0 dimensions")
+    if len(raw) < 4 + 4 * ndim:
+        raise IdxFormatError(f"IDX header of {ndim} dimensions truncated at {len(raw)} bytes")
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     offset = 4 + 4 * ndim
     if len(raw) - offset != int(np.prod(shape)):

@@ -23,6 +23,8 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline.stage import UserError
+
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Probability = Annotated[float, Field(ge=0, lt=1)]
@@ -99,8 +101,11 @@ class MlflowParams(Section):
 
 
 class ClassifierParams(Section):
+    # Its own seed: changing the GAN's seed must not retrain (and so move) the yardstick.
+    seed: Annotated[int, Field(ge=0)]
     epochs: PositiveInt
     batch_size: PositiveInt
+    limit: PositiveInt | None  # train on the first N images only (tests); null = all 60,000
 
 
 class EvalParams(Section):
@@ -147,7 +152,7 @@ class Params(Section):
         return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
 
 
-class ParamsError(ValueError):
+class ParamsError(UserError, ValueError):
     """params.yaml is invalid; the message lists every offending field."""
 
 

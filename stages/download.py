@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 from pipeline.data import download_mnist
 from pipeline.params import load_params
+from pipeline.stage import run
 
 
 def main() -> None:
@@ -21,5 +21,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main()
+    run(main)

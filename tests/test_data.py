@@ -1,0 +1,193 @@
+"""IDX reader and the verified, resumable download, against a real loopback HTTP mirror."""
+
+from __future__ import annotations
+
+import gzip
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import MirrorServer
+from pipeline.data import (
+    FILES,
+    DownloadError,
+    IdxFormatError,
+    download_file,
+    download_mnist,
+    load_split,
+    parse_idx,
+    scale_images,
+)
+
+LABELS = FILES[1]  # train labels: 28 KB, quick to serve many times
+
+
+def flip_one_byte(body: bytes) -> bytes:
+    middle = len(body) // 2
+    return body[:middle] + bytes([body[middle] ^ 0xFF]) + body[middle + 1 :]
+
+
+def fetch(spec, tmp_path: Path, mirrors: list[str], timeout: float = 5.0, retries: int = 2):
+    return download_file(spec, tmp_path / "data", mirrors, tmp_path / "partial", timeout, retries)
+
+
+def assert_nothing_partial(tmp_path: Path) -> None:
+    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
+    assert not (tmp_path / "partial").exists() or not any((tmp_path / "partial").iterdir())
+
+
+# --------------------------------------------------------------------------- IDX reader
+
+
+def test_reads_real_mnist(mnist_dir: Path) -> None:
+    images, labels = load_split(mnist_dir, "train")
+    assert images.shape == (60000, 28, 28) and images.dtype == np.uint8
+    assert labels.shape == (60000,) and set(np.unique(labels)) == set(range(10))
+    test_images, _ = load_split(mnist_dir, "test")
+    assert test_images.shape == (10000, 28, 28)
+
+
+def idx_bytes(magic: int, dims: list[int], payload: bytes) -> bytes:
+    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in dims)
+    return header + payload
+
+
+def test_parses_a_small_valid_file() -> None:
+    array = parse_idx(idx_bytes(0x0803, [2, 2, 3], bytes(range(12))))
+    assert array.shape == (2, 2, 3) and array[1, 1, 2] == 11
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"\x00\x00", "too short"),
+        (idx_bytes(0x0D03, [1, 1, 1], b"\x00"), "bad IDX magic"),  # float data, not uint8
+        (idx_bytes(0x0800, [], b"\x00" * 4), "header of 0 dimensions"),
+        (idx_bytes(0x0803, [2], b""), "3 dimensions truncated at 8 bytes"),
+        (idx_bytes(0x0802, [2, 2], b"\x00"), "shape (2, 2)"),  # header promises more bytes
+        (idx_bytes(0x0802, [1, 1], b"\x00\x00"), "but 2 bytes follow"),  # trailing garbage
+    ],
+)
+def test_refuses_malformed_headers(raw: bytes, message: str) -> None:
+    with pytest.raises(IdxFormatError, match=re.escape(message)):
+        parse_idx(raw)
+
+
+def test_refuses_a_valid_file_of_the_wrong_kind() -> None:
+    labels = idx_bytes(0x0801, [3], b"\x01\x02\x03")
+    with pytest.raises(IdxFormatError, match="expected magic 2051"):
+        parse_idx(labels, FILES[0])
+
+
+def test_scaling_matches_the_generator_output() -> None:
+    pixels = np.array([[[0, 255]]], dtype=np.uint8)
+    assert scale_images(pixels, "tanh").ravel().tolist() == [-1.0, 1.0]
+    assert scale_images(pixels, "sigmoid").ravel().tolist() == [0.0, 1.0]
+
+
+# --------------------------------------------------------------------------- download
+
+
+def test_downloads_all_four_and_skips_them_next_time(tmp_path: Path, mirror: MirrorServer) -> None:
+    paths = download_mnist(tmp_path / "data", [mirror.url], tmp_path / "partial", 5.0, 1)
+    assert [p.name for p in paths] == [spec.gz_name for spec in FILES]
+    assert len(mirror.requests) == 4
+    download_mnist(tmp_path / "data", [mirror.url], tmp_path / "partial", 5.0, 1)
+    assert len(mirror.requests) == 4  # present and verified: nothing fetched again
+    assert not any((tmp_path / "partial").iterdir())
+
+
+def test_retries_after_a_server_error(tmp_path: Path, mirror: MirrorServer) -> None:
+    mirror.faults[LABELS.gz_name] = [(500, None, 0.0)]
+    target = fetch(LABELS, tmp_path, [mirror.url])
+    assert target.is_file() and len(mirror.requests) == 2
+
+
+def test_resumes_a_truncated_body_with_range(tmp_path: Path, mirror: MirrorServer) -> None:
+    mirror.faults[LABELS.gz_name] = [(200, lambda body: body[: len(body) // 3], 0.0)]
+    target = fetch(LABELS, tmp_path, [mirror.url])
+    assert target.is_file()
+    (_, first_range), (_, second_range) = mirror.requests
+    assert first_range is None
+    assert second_range is not None and second_range.startswith("bytes=")
+    assert int(second_range.removeprefix("bytes=").rstrip("-")) > 0
+
+
+def test_restarts_when_the_server_ignores_range(tmp_path: Path, mirror: MirrorServer) -> None:
+    mirror.honour_range = False
+    mirror.faults[LABELS.gz_name] = [(200, lambda body: body[:1000], 0.0)]
+    assert fetch(LABELS, tmp_path, [mirror.url]).is_file()
+
+
+def test_a_stalled_response_times_out_and_is_retried(tmp_path: Path, mirror: MirrorServer) -> None:
+    mirror.faults[LABELS.gz_name] = [(200, None, 3.0)]
+    target = fetch(LABELS, tmp_path, [mirror.url], timeout=0.5)
+    assert target.is_file() and len(mirror.requests) == 2
+
+
+def test_moves_on_from_a_404_to_the_next_mirror(
+    tmp_path: Path, mirror_factory, shared_mnist: Path
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    missing, good = mirror_factory(empty), mirror_factory(shared_mnist)
+    assert fetch(LABELS, tmp_path, [missing.url, good.url]).is_file()
+    assert len(missing.requests) == 1  # a 404 is final for that mirror: no retries
+    assert len(good.requests) == 1
+
+
+def test_a_flipped_byte_moves_on_to_the_next_mirror(tmp_path: Path, mirror_factory) -> None:
+    bad, good = mirror_factory(), mirror_factory()
+    bad.faults[LABELS.gz_name] = [(200, flip_one_byte, 0.0)]
+    assert fetch(LABELS, tmp_path, [bad.url, good.url]).is_file()
+    assert len(bad.requests) == 1 and len(good.requests) == 1
+
+
+def test_recompressed_but_identical_content_is_accepted(tmp_path: Path, shared_mnist: Path) -> None:
+    recompressed = tmp_path / "mirror"
+    recompressed.mkdir()
+    raw = gzip.decompress((shared_mnist / LABELS.gz_name).read_bytes())
+    (recompressed / LABELS.gz_name).write_bytes(gzip.compress(raw, compresslevel=1))
+    assert fetch(LABELS, tmp_path, [str(recompressed)]).is_file()
+
+
+def test_when_every_mirror_fails_the_error_says_everything(
+    tmp_path: Path, mirror_factory, shared_mnist: Path
+) -> None:
+    corrupt_dir = tmp_path / "corrupt"
+    corrupt_dir.mkdir()
+    body = (shared_mnist / LABELS.gz_name).read_bytes()
+    (corrupt_dir / LABELS.gz_name).write_bytes(
+        gzip.compress(gzip.decompress(body)[:-1] + b"\x07")  # valid gzip, one wrong label
+    )
+    corrupt = mirror_factory(corrupt_dir)
+    flaky = mirror_factory()
+    flaky.faults[LABELS.gz_name] = [(503, None, 0.0)] * 5
+    with pytest.raises(DownloadError) as caught:
+        fetch(LABELS, tmp_path, [corrupt.url, flaky.url, str(tmp_path / "nowhere")], retries=1)
+    message = str(caught.value)
+    assert LABELS.gz_name in message and LABELS.sha256 in message
+    assert f"{corrupt.url}: SHA-256 of decompressed content is" in message
+    assert f"{flaky.url}: HTTP 503 (after 2 attempts)" in message
+    assert str(tmp_path / "nowhere") in message
+    assert_nothing_partial(tmp_path)
+
+
+def test_an_invalid_file_in_place_is_replaced(tmp_path: Path, mirror: MirrorServer) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / LABELS.gz_name).write_bytes(b"not gzip")
+    assert fetch(LABELS, tmp_path, [mirror.url]).stat().st_size > 1000
+    assert len(mirror.requests) == 1
+
+
+def test_mnist_mirror_env_is_tried_first(
+    tmp_path: Path, mirror: MirrorServer, shared_mnist: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    local = tmp_path / "local"
+    shutil.copytree(shared_mnist, local)
+    monkeypatch.setenv("MNIST_MIRROR", str(local))
+    download_mnist(tmp_path / "data", [mirror.url], tmp_path / "partial", 5.0, 1)
+    assert mirror.requests == []  # the local folder served everything
