@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import MirrorServer
 from pipeline.data import (
     FILES,
     DownloadError,
@@ -21,6 +20,8 @@ from pipeline.data import (
     parse_idx,
     scale_images,
 )
+
+from conftest import MirrorServer
 
 LABELS = FILES[1]  # train labels: 28 KB, quick to serve many times
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MirrorServer
 from pipeline.data import FILES, verify_gz
+
+from conftest import MirrorServer
 
 pytestmark = pytest.mark.slow
 
