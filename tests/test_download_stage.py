@@ -53,7 +53,9 @@ def test_a_corrupt_mirror_fails_clearly_and_leaves_data_clean(
     # so point them at a closed loopback port to keep the test fast and network-free.
     params = repo_copy / "params.yaml"
     text = params.read_text()
-    text = text.replace("https://storage.googleapis.com/cvdf-datasets/mnist/", "http://127.0.0.1:9/")
+    text = text.replace(
+        "https://storage.googleapis.com/cvdf-datasets/mnist/", "http://127.0.0.1:9/"
+    )
     text = text.replace("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://127.0.0.1:9/b/")
     params.write_text(text.replace("retries: 4", "retries: 0"))
     result = dvc(repo_copy, "repro", "download", mirror=str(corrupt))
