@@ -32,6 +32,21 @@ test: setup
 	ruff format --check .
 	pytest
 
+# One preset = one ordinary DVC experiment (listed by `dvc exp show` and in MLflow):
+#   make exp PRESET=seed001            # run now
+#   make exp PRESET=seed001 QUEUE=1    # queue it; then `dvc queue start`
+exp: setup
+	args="$$(python -m pipeline.params exp-args $(PRESET))" && \
+	eval dvc exp run $(if $(QUEUE),--queue) -n "$(PRESET)-$$(date +%Y%m%d-%H%M%S)" $$args
+
+# Where to look after `make repro`: the numbers, and every plot as one HTML page.
+report: setup
+	dvc metrics show
+	dvc plots show --out reports/html
+	@echo "HTML report:  $(CURDIR)/reports/html/index.html"
+	@echo "PNG/GIF:      $(CURDIR)/reports/plots/"
+	@echo "Compare runs: dvc exp show; dvc plots diff <exp> <exp>; mlflow ui --backend-store-uri sqlite:///mlflow.db"
+
 lint: setup
 	ruff check . && ruff format --check .
 
@@ -40,3 +55,19 @@ lock: $(UV)
 
 clean:
 	rm -rf $(VENV) .uv .pytest_cache .ruff_cache
+
+.PHONY: serve docker-check
+
+# The generation service on 127.0.0.1:8000 (env MNIST_GAN_* for limits; see README).
+MODEL ?= models/generator.onnx
+serve: setup
+	python -m pipeline.serve --model $(MODEL)
+
+# Builds the serve image for real (Docker daemon, debootstrap base image), runs it and
+# calls it on loopback. Needs root; see docker/check.sh.
+docker-check: requirements/serve.txt
+	bash docker/check.sh
+
+# The serve image's pinned dependencies, exported from uv.lock.
+requirements/serve.txt: uv.lock | $(UV)
+	$(UV) export --frozen --extra serve --no-dev --no-hashes --no-emit-project -o $@

@@ -225,3 +225,29 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
             raise ParamsError(f"{dotted}: unknown key; check the spelling")
         node[leaf] = value
     return result
+
+
+def exp_run_args(name: str, base: str | Path = "params.yaml") -> list[str]:
+    """The ``dvc exp run`` arguments (``-S key=value`` each) that run preset ``name``,
+    checked against the schema first. Values are written as JSON, which DVC's (Hydra)
+    override parser reads back as the same numbers, lists, strings and nulls."""
+    overrides = load_preset(name)
+    with Path(base).open() as handle:
+        parse_params(apply_overrides(yaml.safe_load(handle), overrides), f"preset {name}")
+    args: list[str] = []
+    for key, value in overrides.items():
+        plain = isinstance(value, str) and yaml.safe_load(value) == value
+        args += ["-S", f"{key}={value if plain else json.dumps(value)}"]
+    return args
+
+
+if __name__ == "__main__":  # `python -m pipeline.params exp-args seed001` (used by `make exp`)
+    import shlex
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] != "exp-args":
+        sys.exit(f"usage: python -m pipeline.params exp-args PRESET  (presets: {preset_names()})")
+    try:
+        print(shlex.join(exp_run_args(sys.argv[2])))
+    except ParamsError as exc:
+        sys.exit(str(exc))

@@ -159,3 +159,29 @@ def repo_copy(tmp_path: Path) -> Path:
     subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
     subprocess.run([*git, "commit", "-qm", "copy"], cwd=dest, check=True)
     return dest
+
+
+@pytest.fixture(scope="session")
+def onnx_generators(smoke_params: Params, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Small exported ONNX generators (untrained smoke-preset nets), as the export stage
+    writes them: {"unconditional": Path, "conditional": Path}. The unconditional one uses
+    sigmoid output and uniform noise, the conditional one tanh and normal noise, so both
+    output scalings and noise kinds are covered. Imports TensorFlow (once per session)."""
+    import keras
+
+    from pipeline.export import export_model
+    from pipeline.models import build_generator
+
+    out = tmp_path_factory.mktemp("onnx")
+    variants = {
+        "unconditional": {"conditional": False, "output": "sigmoid", "noise": "uniform"},
+        "conditional": {"conditional": True, "output": "tanh", "noise": "normal"},
+    }
+    paths = {}
+    for name, update in variants.items():
+        model = smoke_params.model.model_copy(update=update)
+        params = smoke_params.model_copy(update={"model": model})
+        keras.utils.set_random_seed(0)
+        paths[name] = out / f"{name}.onnx"
+        export_model(build_generator(model), params, paths[name], run_id="test-run")
+    return paths

@@ -1,0 +1,68 @@
+"""GAN losses on discriminator logits, one value per example.
+
+Per-example values let the trainer average over the *global* batch
+(``tf.nn.compute_average_loss``), which is what keeps the loss the same on one device and on
+several. Every formula works on logits: ``softplus`` gives ``-log(sigmoid(-x))`` without the
+overflow of taking the log of a sigmoid that rounded to 0 or 1.
+
+- ``minimax``: D maximises log D(x) + log(1 - D(G(z))); G minimises log(1 - D(G(z))) (the
+  original objective; its gradient vanishes while D wins, which is why the next one exists).
+- ``non_saturating``: the same D; G maximises log D(G(z)).
+- ``wgan_gp``: a critic; D minimises D(G(z)) - D(x) + gp_weight * (|grad D(x_hat)| - 1)^2.
+- ``hinge``: D minimises relu(1 - D(x)) + relu(1 + D(G(z))); G minimises -D(G(z)).
+
+One-sided label smoothing (real target 1 - s) applies to the two cross-entropy losses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import tensorflow as tf
+
+KINDS = ("minimax", "non_saturating", "wgan_gp", "hinge")
+
+
+def _bce(logits: tf.Tensor, target: float) -> tf.Tensor:
+    logits = tf.reshape(logits, [-1])
+    return tf.nn.sigmoid_cross_entropy_with_logits(tf.fill(tf.shape(logits), target), logits)
+
+
+def discriminator_loss(
+    kind: str, real_logits: tf.Tensor, fake_logits: tf.Tensor, label_smoothing: float = 0.0
+) -> tf.Tensor:
+    """Per-example D loss [N] (without the WGAN-GP penalty: see :func:`gradient_penalty`)."""
+    real, fake = tf.reshape(real_logits, [-1]), tf.reshape(fake_logits, [-1])
+    if kind in ("minimax", "non_saturating"):
+        return _bce(real, 1.0 - label_smoothing) + _bce(fake, 0.0)
+    if kind == "wgan_gp":
+        return fake - real
+    if kind == "hinge":
+        return tf.nn.relu(1.0 - real) + tf.nn.relu(1.0 + fake)
+    raise ValueError(f"loss.kind: got {kind!r}; allowed: {list(KINDS)}")
+
+
+def generator_loss(kind: str, fake_logits: tf.Tensor) -> tf.Tensor:
+    """Per-example G loss [N]."""
+    fake = tf.reshape(fake_logits, [-1])
+    if kind == "minimax":
+        return -tf.nn.softplus(fake)  # log(1 - sigmoid(x)) = -softplus(x)
+    if kind == "non_saturating":
+        return _bce(fake, 1.0)  # -log(sigmoid(x)) = softplus(-x)
+    if kind in ("wgan_gp", "hinge"):
+        return -fake
+    raise ValueError(f"loss.kind: got {kind!r}; allowed: {list(KINDS)}")
+
+
+def gradient_penalty(
+    critic: Callable[[tf.Tensor], tf.Tensor], real: tf.Tensor, fake: tf.Tensor, eps: tf.Tensor
+) -> tf.Tensor:
+    """Per-example (|grad critic(x_hat)|_2 - 1)^2 at x_hat = eps * real + (1 - eps) * fake,
+    ``eps`` uniform in [0, 1] with shape [N, 1, 1, 1] (Gulrajani et al., 2017)."""
+    mixed = eps * real + (1.0 - eps) * fake
+    with tf.GradientTape() as tape:
+        tape.watch(mixed)
+        scores = critic(mixed)
+    grads = tape.gradient(scores, mixed)
+    norms = tf.sqrt(tf.reduce_sum(tf.square(grads), axis=[1, 2, 3]) + 1e-12)
+    return tf.square(norms - 1.0)

@@ -1,0 +1,125 @@
+"""Generator and discriminator, built from ``model`` params, and the latent noise.
+
+Two families: ``mlp`` (the seed presets: dense layers of the given sizes, activation and
+initialiser from params) and ``dcgan`` (the conv nets of the TensorFlow DCGAN tutorial, as
+published: only ``output`` and ``conditional`` apply). Either can be conditional: the class
+label goes through an ``Embedding`` into both nets, so a user can ask for a given digit.
+Only stock Keras layers are used, so the saved ``.keras`` files load without this module.
+
+The discriminator always returns logits: the losses apply the sigmoid themselves, which is
+numerically stable where ``log(sigmoid(x))`` computed in two steps is not.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+from keras import layers
+
+from pipeline.params import ModelParams
+
+NUM_CLASSES = 10
+EMBED_DIM = 50  # size of the learned label code fed to both nets when conditional
+IMAGE_SHAPE = (28, 28, 1)
+
+
+def _kernel_init(model: ModelParams) -> keras.initializers.Initializer:
+    if model.init == "truncated_normal":
+        return keras.initializers.TruncatedNormal(stddev=model.init_stddev)
+    return keras.initializers.GlorotUniform()
+
+
+def _activation(model: ModelParams) -> layers.Layer:
+    if model.activation == "leaky_relu":
+        return layers.LeakyReLU(negative_slope=model.leaky_alpha)
+    return layers.ReLU()
+
+
+def _label_input() -> tuple[keras.KerasTensor, keras.KerasTensor]:
+    label = keras.Input(shape=(), dtype="int32", name="label")
+    return label, layers.Embedding(NUM_CLASSES, EMBED_DIM, name="label_embedding")(label)
+
+
+def _mlp_generator(model: ModelParams, x: keras.KerasTensor) -> keras.KerasTensor:
+    for units in model.g_hidden:
+        x = layers.Dense(units, kernel_initializer=_kernel_init(model))(x)
+        x = _activation(model)(x)
+    return layers.Dense(28 * 28, kernel_initializer=_kernel_init(model))(x)
+
+
+def _dcgan_generator(x: keras.KerasTensor) -> keras.KerasTensor:
+    x = layers.Dense(7 * 7 * 256, use_bias=False)(x)
+    x = layers.LeakyReLU()(layers.BatchNormalization()(x))
+    x = layers.Reshape((7, 7, 256))(x)
+    for filters, stride in ((128, 1), (64, 2)):
+        x = layers.Conv2DTranspose(filters, 5, strides=stride, padding="same", use_bias=False)(x)
+        x = layers.LeakyReLU()(layers.BatchNormalization()(x))
+    return layers.Conv2DTranspose(1, 5, strides=2, padding="same")(x)
+
+
+def build_generator(model: ModelParams) -> keras.Model:
+    """``z`` [N, latent_dim] (+ ``label`` int32 [N]) -> images [N, 28, 28, 1] in the training
+    range: [-1, 1] for ``tanh``, [0, 1] for ``sigmoid``."""
+    z = keras.Input(shape=(model.latent_dim,), name="z")
+    inputs, x = [z], z
+    if model.conditional:
+        label, code = _label_input()
+        inputs, x = [z, label], layers.Concatenate()([z, code])
+    x = _mlp_generator(model, x) if model.arch == "mlp" else _dcgan_generator(x)
+    x = layers.Reshape(IMAGE_SHAPE)(x)
+    # float32 even under mixed precision: images leave the net in full precision.
+    image = layers.Activation(model.output, dtype="float32", name="image")(x)
+    return keras.Model(inputs if model.conditional else z, image, name="generator")
+
+
+def _mlp_discriminator(model: ModelParams, x: keras.KerasTensor) -> keras.KerasTensor:
+    for units in model.d_hidden:
+        x = layers.Dense(units, kernel_initializer=_kernel_init(model))(x)
+        x = _activation(model)(x)
+    return x
+
+
+def _dcgan_discriminator(x: keras.KerasTensor) -> keras.KerasTensor:
+    for filters in (64, 128):
+        x = layers.Conv2D(filters, 5, strides=2, padding="same")(x)
+        x = layers.Dropout(0.3)(layers.LeakyReLU()(x))
+    return layers.Flatten()(x)
+
+
+def build_discriminator(model: ModelParams) -> keras.Model:
+    """Images [N, 28, 28, 1] (+ ``label`` int32 [N]) -> logits [N, 1]."""
+    image = keras.Input(shape=IMAGE_SHAPE, name="image")
+    inputs, x = [image], image
+    if model.conditional:
+        label, code = _label_input()
+        inputs = [image, label]
+        if model.arch == "mlp":
+            x = layers.Concatenate()([layers.Flatten()(image), code])
+        else:  # the label becomes an extra image channel, as in conditional DCGANs
+            plane = layers.Reshape(IMAGE_SHAPE)(layers.Dense(28 * 28)(code))
+            x = layers.Concatenate()([image, plane])
+    elif model.arch == "mlp":
+        x = layers.Flatten()(image)
+    x = _mlp_discriminator(model, x) if model.arch == "mlp" else _dcgan_discriminator(x)
+    init = _kernel_init(model) if model.arch == "mlp" else "glorot_uniform"
+    logits = layers.Dense(1, kernel_initializer=init, dtype="float32", name="logits")(x)
+    return keras.Model(inputs if model.conditional else image, logits, name="discriminator")
+
+
+def sample_noise(
+    kind: str, shape: tuple[int, ...] | tf.Tensor, generator_or_seed: tf.random.Generator | int
+) -> tf.Tensor:
+    """Latent noise: ``normal`` N(0, 1) or ``uniform`` in [-1, 1]. A ``tf.random.Generator``
+    gives the training stream (its state is checkpointed); an int seed gives a fixed,
+    stateless draw (the sample grids)."""
+    if kind not in ("normal", "uniform"):
+        raise ValueError(f"model.noise: got {kind!r}; allowed: ['normal', 'uniform']")
+    if isinstance(generator_or_seed, tf.random.Generator):
+        rng = generator_or_seed
+        if kind == "normal":
+            return rng.normal(shape)
+        return rng.uniform(shape, minval=-1.0, maxval=1.0)
+    seed = tf.constant([generator_or_seed, 0], dtype=tf.int64)
+    if kind == "normal":
+        return tf.random.stateless_normal(shape, seed)
+    return tf.random.stateless_uniform(shape, seed, minval=-1.0, maxval=1.0)

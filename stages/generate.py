@@ -1,0 +1,29 @@
+"""DVC stage: a sample grid (reports/generated.png) from models/generator.onnx, with
+onnxruntime only: the same path users deploy."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pipeline import stage
+from pipeline.generate import write_samples
+from pipeline.inference import InputError, ModelError
+from pipeline.params import load_params
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--model", type=Path, default=Path("models/generator.onnx"))
+    parser.add_argument("--out", type=Path, default=Path("reports/generated.png"))
+    args = parser.parse_args()
+    params = load_params(args.params).generate
+    try:
+        write_samples(args.model, args.out, params.n, seed=params.seed, digit=params.digit)
+    except (InputError, ModelError) as exc:
+        raise stage.UserError(f"generate: {exc}") from None
+
+
+if __name__ == "__main__":
+    stage.run(main)

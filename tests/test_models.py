@@ -1,0 +1,88 @@
+"""Generator/discriminator shapes and ranges for every architecture, and the latent noise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from pipeline.models import build_discriminator, build_generator, sample_noise
+from pipeline.params import Params
+
+
+def _model_params(smoke: Params, **changes: object):
+    return smoke.model.model_copy(update=changes)
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+@pytest.mark.parametrize(
+    ("arch", "output", "low", "high"),
+    [("mlp", "tanh", -1.0, 1.0), ("mlp", "sigmoid", 0.0, 1.0), ("dcgan", "tanh", -1.0, 1.0)],
+)
+def test_shapes_and_output_range(
+    smoke_params: Params, arch: str, output: str, low: float, high: float, conditional: bool
+) -> None:
+    model = _model_params(
+        smoke_params, arch=arch, output=output, conditional=conditional, latent_dim=16
+    )
+    g, d = build_generator(model), build_discriminator(model)
+    z = sample_noise("normal", (5, 16), 0) * 10.0  # large inputs: the output must saturate
+    labels = tf.constant([0, 3, 9, 1, 2], tf.int32)
+    images = g([z, labels] if conditional else z)
+    logits = d([images, labels] if conditional else images)
+    assert logits.shape == (5, 1) and logits.dtype == tf.float32
+    images = images.numpy()
+    assert images.shape == (5, 28, 28, 1) and images.dtype == np.float32
+    assert images.min() >= low and images.max() <= high
+    assert images.min() < low + 0.5 * (high - low) < images.max()  # not a constant image
+
+
+def test_conditional_label_changes_the_image(smoke_params: Params) -> None:
+    g = build_generator(_model_params(smoke_params, conditional=True))
+    z = tf.repeat(sample_noise("uniform", (1, smoke_params.model.latent_dim), 1), 2, axis=0)
+    images = g([z, tf.constant([2, 7], tf.int32)]).numpy()
+    assert not np.allclose(images[0], images[1])
+
+
+def test_mlp_layers_follow_params(smoke_params: Params) -> None:
+    model = _model_params(
+        smoke_params, g_hidden=[128], d_hidden=[64, 32], init="truncated_normal",
+        init_stddev=0.01, conditional=False, activation="relu",
+    )  # fmt: skip
+    g, d = build_generator(model), build_discriminator(model)
+    g_dense = [layer for layer in g.layers if isinstance(layer, keras.layers.Dense)]
+    d_dense = [layer for layer in d.layers if isinstance(layer, keras.layers.Dense)]
+    assert [layer.units for layer in g_dense] == [128, 784]
+    assert [layer.units for layer in d_dense] == [64, 32, 1]
+    kernel = g_dense[0].kernel.numpy()
+    # truncated normal(0.01): nothing beyond two standard deviations, biases start at zero
+    assert np.abs(kernel).max() <= 0.02 and 0.004 < kernel.std() < 0.01
+    assert not g_dense[0].bias.numpy().any()
+
+
+def test_saved_models_load_without_pipeline_code(smoke_params: Params, tmp_path: Path) -> None:
+    model = _model_params(smoke_params, conditional=True)
+    g = build_generator(model)
+    g.save(tmp_path / "g.keras")
+    # No custom_objects: only stock Keras classes may be in the file.
+    loaded = keras.models.load_model(tmp_path / "g.keras")
+    z = sample_noise("normal", (3, model.latent_dim), 2)
+    labels = tf.constant([1, 2, 3], tf.int32)
+    np.testing.assert_array_equal(g([z, labels]).numpy(), loaded([z, labels]).numpy())
+
+
+def test_noise_ranges_and_determinism() -> None:
+    uniform = sample_noise("uniform", (20000,), 7).numpy()
+    assert uniform.min() >= -1.0 and uniform.max() <= 1.0
+    assert uniform.min() < -0.99 and uniform.max() > 0.99 and abs(uniform.mean()) < 0.02
+    normal = sample_noise("normal", (20000,), 7).numpy()
+    assert abs(normal.mean()) < 0.03 and abs(normal.std() - 1.0) < 0.03 and normal.min() < -3
+    np.testing.assert_array_equal(normal, sample_noise("normal", (20000,), 7).numpy())
+    rng = tf.random.Generator.from_seed(7)
+    first, second = sample_noise("uniform", (100,), rng), sample_noise("uniform", (100,), rng)
+    assert not np.array_equal(first.numpy(), second.numpy())  # a stream, not a fixed draw
+    with pytest.raises(ValueError, match=r"model.noise: got 'gauss'; allowed"):
+        sample_noise("gauss", (2,), 0)

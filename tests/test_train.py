@@ -1,0 +1,213 @@
+"""Real training runs on the smoke preset: outputs, MLflow, resume, SIGKILL, mirrored, NaN."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+import yaml
+from mlflow.tracking import MlflowClient
+
+from pipeline.params import Params, load_params
+from pipeline.train import HISTORY_COLUMNS, TrainingDivergedError, train
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))  # mlartifacts/ lands in tmp, not the repo
+    return uri
+
+
+def _params(smoke: Params, **train: Any) -> Params:
+    return smoke.model_copy(update={"train": smoke.train.model_copy(update=train)})
+
+
+def test_smoke_training_writes_outputs_and_mlflow_run(
+    smoke_params: Params, mnist_dir: Path, tmp_path: Path, mlflow_store: str
+) -> None:
+    params = _params(smoke_params, epochs=2)
+    metrics = train(params, mnist_dir, tmp_path / "models", tmp_path / "reports")
+    assert all(np.isfinite(metrics[key]) for key in ("d_loss", "g_loss", "d_real", "d_fake"))
+    assert metrics["epochs"] == 2 and metrics["steps"] == 2 * (512 // 64)
+
+    history = (tmp_path / "reports" / "train_history.csv").read_text().splitlines()
+    assert history[0] == ",".join(HISTORY_COLUMNS) and len(history) == 3
+    assert json.loads((tmp_path / "reports" / "train.json").read_text()) == metrics
+    grids = sorted(path.name for path in (tmp_path / "reports" / "samples").iterdir())
+    assert grids == ["step_0000008.png", "step_0000016.png"]
+
+    generator = keras.models.load_model(tmp_path / "models" / "generator.keras")
+    z, labels = tf.zeros([2, params.model.latent_dim]), tf.constant([3, 7])
+    images = generator([z, labels] if params.model.conditional else z).numpy()
+    assert images.shape == (2, 28, 28, 1) and np.abs(images).max() <= 1.0
+    keras.models.load_model(tmp_path / "models" / "discriminator.keras")
+
+    run_info = json.loads((tmp_path / "models" / "mlflow_run.json").read_text())
+    assert run_info["tracking_uri"] == mlflow_store
+    client = MlflowClient(mlflow_store)
+    run = client.get_run(run_info["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["preset"] == "smoke"
+    assert run.data.params["train.epochs"] == "2"
+    d_loss = client.get_metric_history(run.info.run_id, "d_loss")
+    assert [m.step for m in d_loss] == [1, 2]
+    assert d_loss[-1].value == pytest.approx(metrics["d_loss"])
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
+    assert artifacts == ["samples/step_0000008.png", "samples/step_0000016.png"]
+    experiment = client.get_experiment(run_info["experiment_id"])
+    assert experiment.artifact_location == (tmp_path / "mlartifacts" / "mnist-gan").as_uri()
+
+
+def test_rerun_resumes_and_changed_params_start_fresh(
+    smoke_params: Params, mnist_dir: Path, tmp_path: Path, mlflow_store: str, caplog: Any
+) -> None:
+    caplog.set_level(logging.INFO, logger="pipeline.train")
+    models, reports = tmp_path / "models", tmp_path / "reports"
+    first = train(smoke_params, mnist_dir, models, reports)
+    run_id = json.loads((models / "mlflow_run.json").read_text())["run_id"]
+    # Nothing left to train: the same metrics come back from the checkpointed history.
+    assert train(smoke_params, mnist_dir, models, reports) == first
+    assert "resuming from" in caplog.text
+    assert json.loads((models / "mlflow_run.json").read_text())["run_id"] == run_id
+
+    caplog.clear()
+    train(_params(smoke_params, lr_g=1e-3), mnist_dir, models, reports)
+    assert "from other params or code" in caplog.text and "starting fresh" in caplog.text
+    assert json.loads((models / "mlflow_run.json").read_text())["run_id"] != run_id
+
+
+def test_non_finite_loss_stops_with_epoch_and_step(
+    smoke_params: Params, mnist_dir: Path, tmp_path: Path, mlflow_store: str
+) -> None:
+    # lr 1e30: Adam moves every weight by ~1e30 on the first update, so logits overflow.
+    params = _params(smoke_params, lr_d=1e30, lr_g=1e30, epochs=None, steps=6,
+                     checkpoint_every=1, sample_every=6)  # fmt: skip
+    with pytest.raises(TrainingDivergedError, match=r"non-finite loss at epoch 1, step (\d)") as e:
+        train(params, mnist_dir, tmp_path / "models", tmp_path / "reports")
+    bad_step = int(e.value.args[0].split("step ")[1].split(";")[0])
+    saved = tf.train.latest_checkpoint(tmp_path / "models" / "checkpoints")
+    # Only steps before the bad one were checkpointed; no model file was written.
+    assert saved is None or int(saved.rsplit("-", 1)[1]) < bad_step
+    assert not (tmp_path / "models" / "generator.keras").exists()
+
+
+def _write_params(smoke: Params, path: Path, **train: Any) -> Path:
+    raw = _params(smoke, **train).model_dump(mode="json")
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _stage(params: Path, mnist: Path, out: Path, env: dict[str, str]) -> subprocess.Popen:
+    paths = [
+        "--data",
+        str(mnist),
+        "--models",
+        str(out / "models"),
+        "--reports",
+        str(out / "reports"),
+    ]
+    command = [sys.executable, "-m", "stages.train", "--params", str(params), *paths]
+    return subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def test_sigkill_then_rerun_is_bit_identical(
+    smoke_params: Params, mnist_dir: Path, tmp_path: Path, mlflow_store: str
+) -> None:
+    params = _write_params(smoke_params, tmp_path / "params.yaml", epochs=12)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    reference = tmp_path / "reference"  # uninterrupted, in this process
+    train(load_params(params), mnist_dir, reference / "models", reference / "reports")
+
+    out = tmp_path / "killed"
+    victim = _stage(params, mnist_dir, out, env)
+    index = out / "models" / "checkpoints" / "ckpt-24.index"  # epoch 3 of 12 saved
+    while not index.exists() and victim.poll() is None:
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait(timeout=60) == -signal.SIGKILL, "finished before it could be killed"
+    assert not (out / "models" / "generator.keras").exists()
+
+    resumed = _stage(params, mnist_dir, out, env)
+    log = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, log
+    assert "resuming from" in log
+    expected = keras.models.load_model(reference / "models" / "generator.keras")
+    actual = keras.models.load_model(out / "models" / "generator.keras")
+    for want, got in zip(expected.get_weights(), actual.get_weights(), strict=True):
+        np.testing.assert_array_equal(got, want)  # bit-identical, not approximately equal
+
+
+MIRRORED = """
+import logging
+import sys
+from pathlib import Path
+import tensorflow as tf
+logging.basicConfig(level=logging.INFO)
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from pipeline.params import load_params
+from pipeline.train import train
+out = Path(sys.argv[2])
+print(train(load_params(sys.argv[1]), Path(sys.argv[3]), out / "models", out / "reports"))
+"""
+
+
+def test_mirrored_strategy_on_two_logical_cpus(
+    smoke_params: Params, mnist_dir: Path, tmp_path: Path, mlflow_store: str
+) -> None:
+    params = _write_params(smoke_params, tmp_path / "params.yaml", strategy="mirrored")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = subprocess.run(
+        [sys.executable, "-c", MIRRORED, str(params), str(tmp_path), str(mnist_dir)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "strategy MirroredStrategy with 2 replicas" in result.stderr
+    metrics = json.loads((tmp_path / "reports" / "train.json").read_text())
+    assert all(np.isfinite(metrics[key]) for key in ("d_loss", "g_loss", "d_real", "d_fake"))
+    assert 0.0 < metrics["d_real"] < 1.0
+
+
+@pytest.mark.parametrize(
+    ("arch", "loss", "d_steps"),
+    [("mlp", "minimax", 1), ("mlp", "wgan_gp", 2), ("mlp", "hinge", 1), ("dcgan", "wgan_gp", 1)],
+)
+def test_every_loss_and_architecture_trains(
+    smoke_params: Params, mnist_dir: Path, arch: str, loss: str, d_steps: int
+) -> None:
+    """Two steps of each combination: finite metrics, and both nets moved."""
+    from pipeline.data import load_split, make_dataset
+    from pipeline.train import GAN
+
+    params = smoke_params.model_copy(
+        update={
+            "model": smoke_params.model.model_copy(update={"arch": arch}),
+            "loss": smoke_params.loss.model_copy(update={"kind": loss, "d_steps": d_steps}),
+            "train": smoke_params.train.model_copy(update={"batch_size": 16}),
+        }
+    )
+    gan = GAN(params, tf.distribute.get_strategy())
+    before = [net.get_weights()[0].copy() for net in (gan.generator, gan.discriminator)]
+    images, labels = load_split(mnist_dir, "train")
+    dataset = make_dataset(images, labels, 16, params.model.output, params.seed, limit=64)
+    sums, done = gan.train_block(iter(dataset), tf.constant(2))
+    assert int(done) == 2 and np.isfinite(sums.numpy()).all()
+    after = [net.get_weights()[0] for net in (gan.generator, gan.discriminator)]
+    assert all(not np.array_equal(b, a) for b, a in zip(before, after, strict=True))
