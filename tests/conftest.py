@@ -82,6 +82,13 @@ class MirrorServer(http.server.ThreadingHTTPServer):
         return f"http://127.0.0.1:{self.server_address[1]}/mnist/"
 
 
+@pytest.fixture(autouse=True)
+def _no_ambient_mirror(monkeypatch: pytest.MonkeyPatch) -> None:
+    """$MNIST_MIRROR (set by .ci/run and offline users) would bypass the loopback mirrors the
+    tests serve; tests that want it set it themselves."""
+    monkeypatch.delenv("MNIST_MIRROR", raising=False)
+
+
 @pytest.fixture(scope="session")
 def shared_mnist() -> Path:
     if not all((SHARED_MNIST / spec.gz_name).is_file() for spec in FILES):
