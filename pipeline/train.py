@@ -44,6 +44,7 @@ from pipeline.files import atomic_path, write_json
 from pipeline.losses import discriminator_loss, generator_loss, gradient_penalty
 from pipeline.models import NUM_CLASSES, build_discriminator, build_generator, sample_noise
 from pipeline.params import Params, TrainParams
+from pipeline.stage import UserError
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ HISTORY_COLUMNS = ("epoch", "step", *METRICS, "epoch_seconds", "images_per_s")
 SOURCES = ("train.py", "models.py", "losses.py", "data.py")
 
 
-class TrainingDivergedError(RuntimeError):
+class TrainingDivergedError(UserError, RuntimeError):
     """A loss became NaN or infinite; the last good checkpoint is kept."""
 
 

@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from pipeline import stage
 from pipeline.params import load_params
 
 
@@ -30,5 +31,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main()
+    stage.run(main)
