@@ -11,6 +11,7 @@ into the same run.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import subprocess
@@ -30,17 +31,32 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
 
 
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock beside a local SQLite store. MLflow creates and migrates a new
+    database on first connect, and experiments queued with ``dvc queue start -j 2`` do that
+    at the same moment: unserialised, they leave it half-migrated and every run fails."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock_file = Path(uri.removeprefix("sqlite:///") + ".lock")
+    with lock_file.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
 def experiment_id(name: str, uri: str) -> str:
     """The id of experiment ``name``, created on first use with its artifacts under the repo
     (for a local store; a tracking server keeps its own artifact location)."""
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    location = None
-    if uri.startswith(("sqlite:", "file:", "/")):
-        location = (repo_root() / "mlartifacts" / name).as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    with _store_lock(uri):
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        location = None
+        if uri.startswith(("sqlite:", "file:", "/")):
+            location = (repo_root() / "mlartifacts" / name).as_uri()
+        return client.create_experiment(name, artifact_location=location)
 
 
 def git_commit() -> str:
@@ -69,7 +85,8 @@ def start_run(
 
 def _run_exists(uri: str, run_id: str) -> bool:
     try:
-        MlflowClient(uri).get_run(run_id)
+        with _store_lock(uri):
+            MlflowClient(uri).get_run(run_id)
     except mlflow.exceptions.MlflowException:
         return False
     return True
