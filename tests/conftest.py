@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -143,11 +146,36 @@ def smoke_params(raw_params: dict[str, Any]) -> Params:
     return parse_params(apply_overrides(raw_params, load_preset("smoke")))
 
 
+Dvc = Callable[..., subprocess.CompletedProcess[str]]
+
+
+def run_dvc(
+    repo: Path, *args: str, env: dict[str, str] | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """This venv's `dvc` in ``repo``, with ``env`` over ours; ``check`` asserts it succeeded.
+    Bounded in time, like every request loop in the tests."""
+    full_env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        **(env or {}),
+    }
+    result = subprocess.run(
+        ["dvc", *args], cwd=repo, env=full_env, capture_output=True, text=True, timeout=600
+    )
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+@pytest.fixture
+def dvc() -> Dvc:
+    return run_dvc
+
+
 @pytest.fixture
 def repo_copy(tmp_path: Path) -> Path:
     """A fresh git + DVC copy of this repo's tracked sources, for end-to-end `dvc` runs."""
-    import subprocess
-
     dest = tmp_path / "repo"
     files = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"],

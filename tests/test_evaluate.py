@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +17,8 @@ from PIL import Image
 from pipeline.evaluate import generate_samples
 from pipeline.models import build_generator
 from pipeline.params import Params, apply_overrides, flatten, load_preset
+
+from conftest import Dvc
 
 KEYS = {"fid", "classifier_score", "precision", "recall"} | {
     "min_class_share",
@@ -62,30 +61,15 @@ def test_params_that_disagree_with_the_generator_are_named(smoke_params: Params)
         generate_samples(generator, _model(smoke_params, conditional=True), 10, 0, 10)
 
 
-def _dvc(repo: Path, env: dict[str, str], *args: str) -> str:
-    dvc = str(Path(sys.executable).parent / "dvc")
-    result = subprocess.run(
-        [dvc, *args], cwd=repo, env=env, capture_output=True, text=True, check=False
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
-
-
 @pytest.mark.slow
 def test_smoke_pipeline_reports_every_metric_into_the_training_run(
-    repo_copy: Path, raw_params: dict, shared_mnist: Path, tmp_path: Path
+    repo_copy: Path, raw_params: dict, shared_mnist: Path, tmp_path: Path, dvc: Dvc
 ) -> None:
     smoke = apply_overrides(raw_params, load_preset("smoke"))
     (repo_copy / "params.yaml").write_text(yaml.safe_dump(smoke, sort_keys=False))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "MNIST_MIRROR": str(shared_mnist),
-        "MLFLOW_TRACKING_URI": uri,
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-    }
-    _dvc(repo_copy, env, "repro", "evaluate")
+    env = {"MNIST_MIRROR": str(shared_mnist), "MLFLOW_TRACKING_URI": uri}
+    dvc(repo_copy, "repro", "evaluate", env=env)
 
     reports = repo_copy / "reports"
     metrics = json.loads((reports / "metrics.json").read_text())
@@ -121,13 +105,13 @@ def test_smoke_pipeline_reports_every_metric_into_the_training_run(
     assert "metrics.json" in {a.path for a in client.list_artifacts(run_id)}
 
     # DVC sees the metrics and renders the plots; eval params re-run evaluate alone.
-    shown = json.loads(_dvc(repo_copy, env, "metrics", "show", "--json"))
+    shown = json.loads(dvc(repo_copy, "metrics", "show", "--json", env=env).stdout)
     assert "reports/metrics.json" in json.dumps(shown)
-    _dvc(repo_copy, env, "plots", "show", "--out", str(tmp_path / "html"))
+    dvc(repo_copy, "plots", "show", "--out", str(tmp_path / "html"), env=env)
     html = (tmp_path / "html" / "index.html").read_text()
     assert "training.gif" in html and "d_loss" in html
     smoke["eval"]["knn_k"] = 5
     (repo_copy / "params.yaml").write_text(yaml.safe_dump(smoke, sort_keys=False))
-    status = _dvc(repo_copy, env, "status")
+    status = dvc(repo_copy, "status", env=env).stdout
     assert "evaluate:" in status
     assert "train:" not in status and "classifier:" not in status
