@@ -201,14 +201,19 @@ def preset_names() -> list[str]:
     return sorted(path.stem for path in PRESETS_DIR.glob("*.yaml"))
 
 
-def load_preset(name: str) -> dict[str, Any]:
+def load_preset(name: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
     """A preset is a flat ``{"train.lr_g": 0.001, ...}`` mapping of overrides: exactly what
-    ``dvc exp run -S`` takes, so a preset run is an ordinary DVC experiment."""
+    ``dvc exp run -S`` takes, so a preset run is an ordinary DVC experiment. A variant names
+    its ``base`` preset and lists only what it changes, so the difference is all it says."""
     path = PRESETS_DIR / f"{name}.yaml"
     if not path.is_file():
         raise ParamsError(f"preset: got {name!r}; allowed: {preset_names()}")
+    if name in _seen:
+        raise ParamsError(f"base: preset {name!r} is its own base ({' -> '.join(_seen)})")
     with path.open() as handle:
-        return yaml.safe_load(handle) or {}
+        overrides = yaml.safe_load(handle) or {}
+    base = overrides.pop("base", None)
+    return {**load_preset(base, (*_seen, name)), **overrides} if base else overrides
 
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

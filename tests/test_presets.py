@@ -89,3 +89,26 @@ def test_exp_args_refuse_an_invalid_preset(tmp_path: Path) -> None:
         exp_run_args("smoke", params_file)
     with pytest.raises(ParamsError, match=r"preset: got 'seed999'; allowed: \['default'"):
         exp_run_args("seed999", params_file)
+
+
+# A variant fixes one thing in a recipe: it must differ from its base there and nowhere else.
+VARIANTS = {"seed000-ns": ("seed000", {"loss.kind": "non_saturating"})}
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_variant_is_its_base_plus_its_fix(raw_params: dict[str, Any], name: str) -> None:
+    base, fix = VARIANTS[name]
+    variant = parse_params(apply_overrides(raw_params, load_preset(name))).flat()
+    original = parse_params(apply_overrides(raw_params, load_preset(base))).flat()
+    changed = {key: value for key, value in variant.items() if original[key] != value}
+    assert changed == {"preset": name, **fix}
+
+
+def test_a_preset_that_is_its_own_base_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "a.yaml").write_text("base: b\npreset: a\n")
+    (tmp_path / "b.yaml").write_text("base: a\npreset: b\n")
+    monkeypatch.setattr("pipeline.params.PRESETS_DIR", tmp_path)
+    with pytest.raises(ParamsError, match=r"base: preset 'a' is its own base \(a -> b\)"):
+        load_preset("a")
