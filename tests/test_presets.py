@@ -92,7 +92,10 @@ def test_exp_args_refuse_an_invalid_preset(tmp_path: Path) -> None:
 
 
 # A variant fixes one thing in a recipe: it must differ from its base there and nowhere else.
-VARIANTS = {"seed000-ns": ("seed000", {"loss.kind": "non_saturating"})}
+VARIANTS = {
+    "seed000-ns": ("seed000", {"loss.kind": "non_saturating"}),
+    "seed002-ls": ("seed002", {"loss.label_smoothing": 0.1}),
+}
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
