@@ -11,7 +11,7 @@ export UV_PROJECT_ENVIRONMENT := $(VENV)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 PRESET ?= default
 
-.PHONY: setup repro test lint exp report lock clean
+.PHONY: setup repro test lint exp compare report lock clean
 
 setup: $(VENV)/.synced
 
@@ -38,6 +38,12 @@ test: setup
 exp: setup
 	args="$$(python -m pipeline.params exp-args $(PRESET))" && \
 	eval dvc exp run $(if $(QUEUE),--queue) -n "$(PRESET)-$$(date +%Y%m%d-%H%M%S)" $$args
+
+# Every experiment side by side: the params that tell presets apart, the final losses and
+# every quality metric. `make compare ARGS=-A` adds experiments made on earlier commits.
+COMPARE := ^(Experiment|preset|loss\.kind|loss\.label_smoothing|train\.epochs|train\.steps|reports/train.json:train_seconds|d_loss|g_loss|fid|classifier_score|precision|recall|classes_present|conditional_accuracy)$$
+compare: setup
+	dvc exp show --no-pager --hide-queued --hide-failed --drop '.*' --keep '$(COMPARE)' --precision 3 $(ARGS)
 
 # Where to look after `make repro`: the numbers, and every plot as one HTML page.
 report: setup
