@@ -22,6 +22,8 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from pipeline.stage import UserError
+
 
 def repo_root() -> Path:
     return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
@@ -106,11 +108,11 @@ def open_run(run_file: Path) -> Iterator[mlflow.ActiveRun]:
     """Re-open the training's run (from ``models/mlflow_run.json``) to log into it."""
     run_file = Path(run_file)
     if not run_file.is_file():
-        raise FileNotFoundError(f"{run_file}: missing; run the train stage first (dvc repro)")
+        raise UserError(f"{run_file}: missing; run the train stage first (dvc repro)")
     info = json.loads(run_file.read_text())
     uri = info["tracking_uri"]
     if not _run_exists(uri, info["run_id"]):
-        raise LookupError(
+        raise UserError(
             f"{run_file}: MLflow run {info['run_id']} is not in {uri}; "
             "retrain to log a new run (dvc repro --force train)"
         )

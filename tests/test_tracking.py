@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import time
 from pathlib import Path
@@ -10,7 +11,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.params import exp_run_args
-from pipeline.tracking import experiment_id, tracking_uri
+from pipeline.stage import UserError
+from pipeline.tracking import experiment_id, open_run, tracking_uri
 
 from conftest import Dvc
 
@@ -22,6 +24,22 @@ def test_default_store_is_under_the_dvc_root(
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     monkeypatch.chdir(tmp_path.parent)  # a queued run's cwd is a temp copy, not the root
     assert tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_later_stages_name_a_missing_or_unknown_training_run(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    run_file = tmp_path / "mlflow_run.json"
+    missing = r"mlflow_run.json: missing; run the train stage first"
+    with pytest.raises(UserError, match=missing), open_run(run_file):
+        pass
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment_id("mnist-gan", uri)  # a real store, without that run in it
+    run_file.write_text(json.dumps({"run_id": "0" * 32, "tracking_uri": uri}))
+    unknown = rf"MLflow run 0{{32}} is not in {uri}; retrain"
+    with pytest.raises(UserError, match=unknown), open_run(run_file):
+        pass
 
 
 def _first_use(uri: str) -> str:
