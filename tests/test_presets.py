@@ -95,6 +95,7 @@ def test_exp_args_refuse_an_invalid_preset(tmp_path: Path) -> None:
 VARIANTS = {
     "seed000-ns": ("seed000", {"loss.kind": "non_saturating"}),
     "seed000-adam": ("seed000", {"train.lr_g": 2e-4, "train.lr_d": 2e-4, "train.beta1": 0.5}),
+    "seed000-tanh": ("seed000", {"model.output": "tanh"}),
     "seed002-ls": ("seed002", {"loss.label_smoothing": 0.1}),
 }
 
