@@ -1,8 +1,8 @@
-"""Screenshot of MLflow's run comparison view for docs/results.md.
+"""Screenshot of MLflow's runs-side-by-side chart view for docs/results.md.
 
-Starts `mlflow ui` on loopback over the repo's store, opens the compare-runs page for the
-newest finished run of each preset in Debian's headless chromium (`apt-get install
-chromium`), and writes the PNG. Run from the repo root:
+Starts `mlflow ui` on loopback over the repo's store, opens the experiment's chart view (one
+bar per run for each evaluate metric, one curve per run for each training loss) in Debian's
+headless chromium (`apt-get install chromium`), and writes the PNG. From the repo root:
 
     python docs/mlflow_screenshot.py docs/mlflow_compare.png
 """
@@ -10,11 +10,11 @@ chromium`), and writes the PNG. Run from the repo root:
 from __future__ import annotations
 
 import argparse
-import json
+import os
+import signal
 import subprocess
 import sys
 import time
-import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -23,23 +23,16 @@ from mlflow.tracking import MlflowClient
 PORT = 5055  # not 5000, so a UI the user already runs is left alone
 
 
-def newest_run_per_preset(uri: str, experiment: str) -> tuple[str, list[str]]:
-    client = MlflowClient(uri)
-    found = client.get_experiment_by_name(experiment)
+def experiment_id(uri: str, name: str) -> str:
+    found = MlflowClient(uri).get_experiment_by_name(name)
     if found is None:
-        sys.exit(f"{uri}: no experiment {experiment!r}; run `make exp PRESET=...` first")
-    runs = client.search_runs(
-        [found.experiment_id], "attributes.status = 'FINISHED'", order_by=["start_time DESC"]
-    )
-    newest: dict[str, str] = {}
-    for run in runs:
-        newest.setdefault(run.data.tags.get("preset", "?"), run.info.run_id)
-    return found.experiment_id, [newest[preset] for preset in sorted(newest)]
+        sys.exit(f"{uri}: no experiment {name!r}; run `make exp PRESET=...` first")
+    return found.experiment_id
 
 
-def wait_until_up(url: str, limit_s: float = 60) -> None:
+def wait_until_up(url: str, limit_s: float = 120) -> None:
     deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:  # the UI takes 8-15 s to answer
+    while time.monotonic() < deadline:  # the UI takes 8-15 s to answer, more on a busy machine
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
@@ -54,18 +47,15 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--store", default=f"sqlite:///{Path.cwd() / 'mlflow.db'}")
     parser.add_argument("--experiment", default="mnist-gan")
-    parser.add_argument("--size", default="1600,1400", help="window width,height in pixels")
+    parser.add_argument("--size", default="2200,1700", help="window width,height in pixels")
     args = parser.parse_args()
 
-    experiment_id, run_ids = newest_run_per_preset(args.store, args.experiment)
-    query = urllib.parse.urlencode(
-        {"runs": json.dumps(run_ids), "experiments": json.dumps([experiment_id])}
-    )
+    page = f"#/experiments/{experiment_id(args.store, args.experiment)}/runs?compareRunsMode=CHART"
     base = f"http://127.0.0.1:{PORT}"
     ui = subprocess.Popen(
         ["mlflow", "ui", "--backend-store-uri", args.store, "--host", "127.0.0.1",
          "--port", str(PORT)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     try:
         wait_until_up(f"{base}/health")
@@ -73,13 +63,13 @@ def main() -> None:
             ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
              "--disable-background-networking", "--no-first-run", f"--window-size={args.size}",
              "--virtual-time-budget=30000", f"--screenshot={args.out.resolve()}",
-             f"{base}/#/compare-runs?{query}"],
+             f"{base}/{page}"],
             check=True, timeout=180, capture_output=True,
         )  # fmt: skip
     finally:
-        ui.terminate()
+        os.killpg(ui.pid, signal.SIGTERM)  # the UI's server workers too
         ui.wait(timeout=30)
-    print(f"{args.out}: {len(run_ids)} runs compared")
+    print(f"{args.out}: {base}/{page}")
 
 
 if __name__ == "__main__":
