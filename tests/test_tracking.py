@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import re
 import time
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def test_later_stages_name_a_missing_or_unknown_training_run(
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     experiment_id("mnist-gan", uri)  # a real store, without that run in it
     run_file.write_text(json.dumps({"run_id": "0" * 32, "tracking_uri": uri}))
-    unknown = rf"MLflow run 0{{32}} is not in {uri}; retrain"
+    unknown = rf"MLflow run 0{{32}} is not in {re.escape(uri)}; retrain"
     with pytest.raises(UserError, match=unknown), open_run(run_file):
         pass
 
