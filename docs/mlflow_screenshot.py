@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--store", default=f"sqlite:///{Path.cwd() / 'mlflow.db'}")
     parser.add_argument("--experiment", default="mnist-gan")
-    parser.add_argument("--size", default="2200,1700", help="window width,height in pixels")
+    parser.add_argument("--size", default="2200,3600", help="window width,height in pixels")
     args = parser.parse_args()
 
     page = f"#/experiments/{experiment_id(args.store, args.experiment)}/runs?compareRunsMode=CHART"
@@ -62,8 +62,8 @@ def main() -> None:
         subprocess.run(
             ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
              "--disable-background-networking", "--no-first-run", f"--window-size={args.size}",
-             "--virtual-time-budget=30000", f"--screenshot={args.out.resolve()}",
-             f"{base}/{page}"],
+             "--virtual-time-budget=120000", "--run-all-compositor-stages-before-draw",
+             f"--screenshot={args.out.resolve()}", f"{base}/{page}"],
             check=True, timeout=180, capture_output=True,
         )  # fmt: skip
     finally:
