@@ -98,6 +98,7 @@ VARIANTS = {
     "seed000-tanh": ("seed000", {"model.output": "tanh"}),
     "seed000-leaky": ("seed000", {"model.activation": "leaky_relu"}),
     "seed002-ls": ("seed002", {"loss.label_smoothing": 0.1}),
+    "seed002-leaky": ("seed002", {"model.activation": "leaky_relu"}),
 }
 
 
