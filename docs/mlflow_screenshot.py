@@ -1,75 +1,232 @@
-"""Screenshot of MLflow's runs-side-by-side chart view for docs/results.md.
+"""Screenshots of the MLflow UI comparing every run, for docs/results.md.
 
-Starts `mlflow ui` on loopback over the repo's store, opens the experiment's chart view (one
-bar per run for each evaluate metric, one curve per run for each training loss) in Debian's
-headless chromium (`apt-get install chromium`), and writes the PNG. From the repo root:
+Starts `mlflow ui` on loopback over the repo's store and drives Debian's headless chromium
+(`apt-get install chromium`) over its DevTools pipe, so nothing beyond the standard library
+is needed. Two pictures of experiment ``mnist-gan``:
 
-    python docs/mlflow_screenshot.py docs/mlflow_compare.png
+- ``mlflow_compare.png``: the "Compare runs" page, one column per run: params, final losses
+  and every evaluate metric side by side;
+- ``mlflow_charts.png``: the runs page's chart view, one curve or bar per run for each metric.
+
+From the repo root, after the runs: ``python docs/mlflow_screenshot.py docs``
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import fcntl
+import json
 import os
+import select
 import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from mlflow.tracking import MlflowClient
 
 PORT = 5055  # not 5000, so a UI the user already runs is left alone
+WIDTH = 1800
+# The UI opens its assistant chat panel (a third of the window) on a first visit; close it.
+CLOSE_ASSISTANT = (
+    "document.querySelector('button[data-component-id=\"mlflow.assistant.chat_panel.close\"]')"
+    "?.click() ?? true"
+)
+# The runs page shows the first 10 runs unless its saved state (this key) says otherwise.
+SAVED_STATE = "MLflowLocalStorage-1.1-ExperimentPage-{ids}-ReactComponentState"
+SHOW_20_RUNS = """(() => {
+  const key = %s;
+  const state = JSON.parse(localStorage.getItem(key) || '{}');
+  localStorage.setItem(key, JSON.stringify({...state, runsHiddenMode: 'FIRST_20_RUNS'}));
+  return true;
+})()"""
 
 
-def experiment_id(uri: str, name: str) -> str:
-    found = MlflowClient(uri).get_experiment_by_name(name)
-    if found is None:
-        sys.exit(f"{uri}: no experiment {name!r}; run `make exp PRESET=...` first")
-    return found.experiment_id
+class Chromium:
+    """Headless chromium spoken to in the DevTools protocol over ``--remote-debugging-pipe``:
+    JSON messages ending in a NUL byte, ours on its fd 3 and its replies on its fd 4."""
+
+    def __init__(self, timeout_s: float = 120) -> None:
+        to_child, self._out = os.pipe()
+        self._in, from_child = os.pipe()
+        # Out of the way of 3 and 4, which the child's copies must take.
+        to_child, from_child = (
+            fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (to_child, from_child)
+        )
+
+        def wire_pipe() -> None:
+            os.dup2(to_child, 3)
+            os.dup2(from_child, 4)
+
+        self.process = subprocess.Popen(
+            ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+             "--disable-background-networking", "--no-first-run", "--remote-debugging-pipe",
+             "about:blank"],
+            preexec_fn=wire_pipe, close_fds=False,  # fds 3 and 4 must reach chromium
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        os.close(to_child)
+        os.close(from_child)
+        self.timeout_s = timeout_s
+        self._pending = b""
+        self._last_id = 0
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)[
+            "sessionId"
+        ]
+
+    def call(self, method: str, session: str | None = None, **params: Any) -> dict[str, Any]:
+        self._last_id += 1
+        message: dict[str, Any] = {"id": self._last_id, "method": method, "params": params}
+        if session:
+            message["sessionId"] = session
+        os.write(self._out, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + self.timeout_s
+        while True:  # events arrive in between: skip them until our reply
+            reply = self._read(deadline)
+            if reply.get("id") == self._last_id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply["result"]
+
+    def page(self, method: str, **params: Any) -> dict[str, Any]:
+        return self.call(method, self.session, **params)
+
+    def evaluate(self, expression: str) -> Any:
+        return self.page("Runtime.evaluate", expression=expression, returnByValue=True)[
+            "result"
+        ].get("value")
+
+    def _read(self, deadline: float) -> dict[str, Any]:
+        while b"\0" not in self._pending:
+            if not select.select([self._in], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                raise TimeoutError(f"chromium: no reply within {self.timeout_s:.0f} s")
+            chunk = os.read(self._in, 1 << 20)
+            if not chunk:
+                raise RuntimeError("chromium closed its DevTools pipe")
+            self._pending += chunk
+        message, self._pending = self._pending.split(b"\0", 1)
+        return json.loads(message)
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=30)
+        os.close(self._in)
+        os.close(self._out)
 
 
-def wait_until_up(url: str, limit_s: float = 120) -> None:
+def wait_for(check: Any, what: str, limit_s: float = 180) -> None:
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:  # the UI takes 8-15 s to answer, more on a busy machine
         try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
+            if check():
+                return
         except OSError:
-            time.sleep(1)
-    sys.exit(f"{url}: no answer within {limit_s:.0f} s")
+            pass
+        time.sleep(1)
+    sys.exit(f"{what}: not within {limit_s:.0f} s")
+
+
+def ui_is_up(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=2) as response:
+        return response.status == 200
+
+
+def open_page(browser: Chromium, url: str, ready_js: str) -> None:
+    """Load ``url`` afresh (a hash change alone would keep the old page) and wait until
+    ``ready_js`` is true."""
+    browser.page("Page.navigate", url="about:blank")
+    browser.page("Page.navigate", url=url)
+    wait_for(lambda: browser.evaluate(ready_js), f"{url}: ready")
+    browser.evaluate(CLOSE_ASSISTANT)
+
+
+def screenshot(browser: Chromium, url: str, ready_js: str, bottom_js: str, out: Path) -> None:
+    """Open ``url`` in a tall window, wait until ``ready_js`` is true and the page has not
+    changed for 3 s, and save it down to ``bottom_js`` (a y in CSS pixels)."""
+    browser.page(
+        "Emulation.setDeviceMetricsOverride",
+        width=WIDTH,
+        height=6000,
+        deviceScaleFactor=1,
+        mobile=False,
+    )
+    open_page(browser, url, ready_js)
+    last = {"size": -1, "since": time.monotonic()}
+
+    def settled() -> bool:  # charts and tables fill in after the first rows appear
+        size = browser.evaluate("document.body.innerHTML.length")
+        if size != last["size"]:
+            last.update(size=size, since=time.monotonic())
+        return time.monotonic() - last["since"] >= 3
+
+    wait_for(settled, f"{url}: settled")
+    height = min(6000, int(browser.evaluate(bottom_js)) + 24)
+    clip = {"x": 0, "y": 0, "width": WIDTH, "height": height, "scale": 1}
+    shot = browser.page("Page.captureScreenshot", format="png", clip=clip)
+    out.write_bytes(base64.b64decode(shot["data"]))
+    print(f"{out}: {url}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out", type=Path)
+    parser.add_argument("out_dir", type=Path)
     parser.add_argument("--store", default=f"sqlite:///{Path.cwd() / 'mlflow.db'}")
     parser.add_argument("--experiment", default="mnist-gan")
-    parser.add_argument("--size", default="2200,3600", help="window width,height in pixels")
     args = parser.parse_args()
 
-    page = f"#/experiments/{experiment_id(args.store, args.experiment)}/runs?compareRunsMode=CHART"
-    base = f"http://127.0.0.1:{PORT}"
+    client = MlflowClient(args.store)
+    experiment = client.get_experiment_by_name(args.experiment)
+    if experiment is None:
+        sys.exit(
+            f"{args.store}: no experiment {args.experiment!r}; run `make exp PRESET=...` first"
+        )
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        "attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time ASC"],
+    )
+    if not runs:
+        sys.exit(f"{args.store}: experiment {args.experiment!r} has no finished run")
+    ids = json.dumps([run.info.run_id for run in runs])
+    base = f"http://127.0.0.1:{PORT}/#/"
+    compare = f"{base}compare-runs?" + urllib.parse.urlencode(
+        {"runs": ids, "experiments": json.dumps([experiment.experiment_id])}
+    )
+    charts = f"{base}experiments/{experiment.experiment_id}/runs?compareRunsMode=CHART"
+
     ui = subprocess.Popen(
         ["mlflow", "ui", "--backend-store-uri", args.store, "--host", "127.0.0.1",
          "--port", str(PORT)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
+    browser = None
     try:
-        wait_until_up(f"{base}/health")
-        subprocess.run(
-            ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-             "--disable-background-networking", "--no-first-run", f"--window-size={args.size}",
-             "--virtual-time-budget=120000", "--run-all-compositor-stages-before-draw",
-             f"--screenshot={args.out.resolve()}", f"{base}/{page}"],
-            check=True, timeout=180, capture_output=True,
-        )  # fmt: skip
+        wait_for(lambda: ui_is_up(f"http://127.0.0.1:{PORT}/health"), "mlflow ui")
+        browser = Chromium()
+        screenshot(browser, compare,
+                   "document.querySelectorAll('table td').length > 0",
+                   "Math.max(...[...document.querySelectorAll('table')].map("
+                   "t => t.getBoundingClientRect().bottom))",
+                   args.out_dir / "mlflow_compare.png")  # fmt: skip
+        charts_ready = "document.querySelectorAll('.js-plotly-plot').length > 0"
+        open_page(browser, charts, charts_ready)
+        key = SAVED_STATE.format(ids=json.dumps([experiment.experiment_id]))
+        browser.evaluate(SHOW_20_RUNS % json.dumps(key))
+        screenshot(browser, charts, charts_ready,
+                   "Math.max(...[...document.querySelectorAll('.js-plotly-plot')].map("
+                   "p => p.getBoundingClientRect().bottom)) + 40",
+                   args.out_dir / "mlflow_charts.png")  # fmt: skip
     finally:
+        if browser is not None:
+            browser.close()
         os.killpg(ui.pid, signal.SIGTERM)  # the UI's server workers too
         ui.wait(timeout=30)
-    print(f"{args.out}: {base}/{page}")
 
 
 if __name__ == "__main__":

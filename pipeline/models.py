@@ -76,6 +76,8 @@ def _mlp_discriminator(model: ModelParams, x: keras.KerasTensor) -> keras.KerasT
     for units in model.d_hidden:
         x = layers.Dense(units, kernel_initializer=_kernel_init(model))(x)
         x = _activation(model)(x)
+        if model.d_dropout:  # no layer at 0, so recipes without it build the same net
+            x = layers.Dropout(model.d_dropout)(x)
     return x
 
 

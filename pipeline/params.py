@@ -51,6 +51,7 @@ class ModelParams(Section):
     output: Literal["tanh", "sigmoid"]  # tanh: data in [-1, 1]; sigmoid: data in [0, 1]
     g_hidden: list[PositiveInt]  # mlp only
     d_hidden: list[PositiveInt]  # mlp only
+    d_dropout: Probability  # mlp only: dropout after each hidden layer of D
     activation: Literal["relu", "leaky_relu"]
     leaky_alpha: Annotated[float, Field(gt=0, lt=1)]
     init: Literal["glorot", "truncated_normal"]

@@ -63,6 +63,19 @@ def test_mlp_layers_follow_params(smoke_params: Params) -> None:
     assert not g_dense[0].bias.numpy().any()
 
 
+@pytest.mark.parametrize("rate", [0.0, 0.3])
+def test_mlp_discriminator_dropout(smoke_params: Params, rate: float) -> None:
+    model = _model_params(smoke_params, d_hidden=[64, 32], d_dropout=rate, conditional=False)
+    d = build_discriminator(model)
+    dropouts = [layer for layer in d.layers if isinstance(layer, keras.layers.Dropout)]
+    assert [layer.rate for layer in dropouts] == ([rate, rate] if rate else [])
+    images = build_generator(model)(sample_noise("normal", (8, model.latent_dim), 3))
+    # Active while D trains, off when it judges: then the same images get the same logits.
+    np.testing.assert_array_equal(d(images).numpy(), d(images).numpy())
+    trained = [d(images, training=True).numpy() for _ in range(2)]
+    assert np.array_equal(*trained) == (not rate)
+
+
 def test_saved_models_load_without_pipeline_code(smoke_params: Params, tmp_path: Path) -> None:
     model = _model_params(smoke_params, conditional=True)
     g = build_generator(model)

@@ -97,8 +97,8 @@ VARIANTS = {
     "seed000-adam": ("seed000", {"train.lr_g": 2e-4, "train.lr_d": 2e-4, "train.beta1": 0.5}),
     "seed000-tanh": ("seed000", {"model.output": "tanh"}),
     "seed000-leaky": ("seed000", {"model.activation": "leaky_relu"}),
-    "seed002-ls": ("seed002", {"loss.label_smoothing": 0.1}),
     "seed002-leaky": ("seed002", {"model.activation": "leaky_relu"}),
+    "seed002-dropout": ("seed002", {"model.d_dropout": 0.3}),
 }
 
 
