@@ -1,0 +1,171 @@
+"""The measured parts of docs/results.md, read back from the MLflow runs: the at-a-glance
+table, one section per preset, and each run's sample grid and loss curves copied to
+docs/results/. The verdicts around them are written by hand. From the repo root, after the
+runs:
+
+    python -m docs.results_tables default-20261123-164810 seed003-20261123-164821 ...
+
+A run named ``<preset>-<date>-<time>`` (what ``make exp`` names it) is reproduced by ``make
+exp PRESET=<preset>``; any other name (``dvc exp run -n NAME -S ...``) is listed in the
+table only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from pipeline.params import preset_names
+
+PICTURES = {"samples": "plots/samples.png", "curves": "plots/training_curves.png"}
+MAKE_EXP_NAME = re.compile(r"^(?P<preset>.+)-\d{8}-\d{6}$")
+# (metric, label, format): the evaluate stage's figures, each beside the real-data floor.
+METRICS = [
+    ("fid", "FID (classifier features) ↓", ".2f"),
+    ("classifier_score", "classifier score (max 10) ↑", ".2f"),
+    ("precision", "precision ↑", ".2f"),
+    ("recall", "recall ↑", ".2f"),
+    ("classes_present", "digits present (of 10)", ".0f"),
+    ("min_class_share", "rarest digit's share (0.1 = even)", ".3f"),
+    ("class_kl", "KL(class shares ‖ uniform) ↓", ".3f"),
+]
+
+
+@dataclass
+class Run:
+    name: str
+    label: str  # the preset, or the run name when it is not a `make exp` run
+    run_id: str
+    params: dict[str, str]
+    metrics: dict[str, float]
+    train: dict[str, Any]  # reports/train.json
+    pictures: dict[str, Path]
+
+    @property
+    def is_preset(self) -> bool:
+        return self.label != self.name
+
+    @property
+    def length(self) -> str:
+        if self.params["train.epochs"] != "None":
+            return f"{int(self.params['train.epochs']):,} epochs"
+        return f"{int(self.params['train.steps']):,} steps"
+
+    @property
+    def minutes(self) -> str:
+        return f"{self.train['train_seconds'] / 60:.1f} min"
+
+
+def load_run(client: MlflowClient, name: str, scratch: Path) -> Run:
+    found = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        f"attributes.run_name = '{name}' and attributes.status = 'FINISHED'",
+    )
+    if not found:
+        raise SystemExit(f"{name}: no finished MLflow run of that name")
+    run = found[0]
+    match = MAKE_EXP_NAME.match(name)
+    label = match["preset"] if match and match["preset"] in preset_names() else name
+    files = {}
+    for key, path in {**PICTURES, "train": "train.json"}.items():
+        files[key] = Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=run.info.run_id, artifact_path=path, dst_path=str(scratch / name)
+            )
+        )
+    return Run(
+        name=name,
+        label=label,
+        run_id=run.info.run_id,
+        params=run.data.params,
+        metrics=run.data.metrics,
+        train=json.loads(files.pop("train").read_text()),
+        pictures=files,
+    )
+
+
+def glance_table(runs: list[Run]) -> list[str]:
+    lines = [
+        "| preset | length | train time | FID ↓ | classifier score ↑ | precision ↑ | recall ↑ "
+        "| rarest digit ↑ |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for run in runs:
+        name = f"[`{run.label}`](#{run.label})" if run.is_preset else f"`{run.label}`"
+        m = run.metrics
+        lines.append(
+            f"| {name} | {run.length} | {run.minutes} | {m['fid']:.1f} | "
+            f"{m['classifier_score']:.2f} | {m['precision']:.2f} | {m['recall']:.2f} | "
+            f"{m['min_class_share']:.3f} |"
+        )
+    m = runs[0].metrics
+    lines.append(
+        f"| real data (floor) | | | {m['real.fid']:.2f} | {m['real.classifier_score']:.2f} | "
+        f"{m['real.precision']:.2f} | {m['real.recall']:.2f} | {m['real.min_class_share']:.3f} |"
+    )
+    return lines
+
+
+def section(run: Run, hardware: str) -> list[str]:
+    m, t = run.metrics, run.train
+    epochs = f"{t['epochs']:g}"
+    lines = [
+        f"### `{run.label}`",
+        "",
+        f"Reproduce: `make exp PRESET={run.label}`  ",
+        f"Run `{run.name}` (MLflow `{run.run_id[:8]}`): {t['steps']:,} steps ({epochs} epochs) "
+        f"in {run.minutes} on {hardware}.  ",
+        f"Final epoch: D loss {m['d_loss']:.3f}, G loss {m['g_loss']:.3f}, "
+        f"D(x) {m['d_real']:.2f}, D(G(z)) {m['d_fake']:.2f}.",
+        "",
+        f"| metric | `{run.label}` | real data |",
+        "|---|---:|---:|",
+    ]
+    lines += [
+        f"| {label} | {m[key]:{fmt}} | {m['real.' + key]:{fmt}} |" for key, label, fmt in METRICS
+    ]
+    if "conditional_accuracy" in m:
+        lines.append(f"| asked-for digit read back | {m['conditional_accuracy']:.2f} | – |")
+    lines += [
+        "",
+        f'<img src="results/{run.label}_samples.png" width="36%" alt="{run.label}: 64 samples"> '
+        f'<img src="results/{run.label}_curves.png" width="60%" '
+        f'alt="{run.label}: losses and D outputs per epoch">',
+        "",
+    ]
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", help="MLflow run names (= DVC experiment names)")
+    parser.add_argument("--pictures", type=Path, default=Path("docs/results"))
+    parser.add_argument("--hardware", default="the 2-core CPU")
+    args = parser.parse_args()
+    mlflow.set_tracking_uri(f"sqlite:///{Path.cwd() / 'mlflow.db'}")
+
+    with tempfile.TemporaryDirectory() as scratch:
+        runs = [load_run(MlflowClient(), name, Path(scratch)) for name in args.runs]
+        args.pictures.mkdir(parents=True, exist_ok=True)
+        for run in runs:
+            if run.is_preset:
+                for key, path in run.pictures.items():
+                    shutil.copyfile(path, args.pictures / f"{run.label}_{key}.png")
+    lines = [*glance_table(runs), ""]
+    for run in runs:
+        if run.is_preset:
+            lines += section(run, args.hardware)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
