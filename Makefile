@@ -41,7 +41,7 @@ exp: setup
 
 # Every experiment side by side: the params that tell presets apart, the final losses and
 # every quality metric. `make compare ARGS=-A` adds experiments made on earlier commits.
-COMPARE := ^(Experiment|preset|loss\.kind|loss\.label_smoothing|train\.epochs|train\.steps|reports/train.json:train_seconds|d_loss|g_loss|fid|classifier_score|precision|recall|classes_present|conditional_accuracy)$$
+COMPARE := ^(Experiment|preset|model\.activation|model\.d_dropout|loss\.kind|loss\.label_smoothing|train\.lr_g|train\.lr_d|train\.epochs|train\.steps|reports/train.json:train_seconds|d_loss|g_loss|fid|classifier_score|precision|recall|classes_present|conditional_accuracy)$$
 compare: setup
 	dvc exp show --no-pager --hide-queued --hide-failed --drop '.*' --keep '$(COMPARE)' --precision 3 $(ARGS)
 

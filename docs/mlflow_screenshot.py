@@ -31,19 +31,33 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 PORT = 5055  # not 5000, so a UI the user already runs is left alone
-WIDTH = 1800
+WIDTH = 1920
 # The UI opens its assistant chat panel (a third of the window) on a first visit; close it.
 CLOSE_ASSISTANT = (
     "document.querySelector('button[data-component-id=\"mlflow.assistant.chat_panel.close\"]')"
     "?.click() ?? true"
 )
-# The runs page shows the first 10 runs unless its saved state (this key) says otherwise.
+DIFF_ONLY = "document.querySelector('[role=switch]').click();"  # the first: params
+# The Compare page shows its params in a box of its own that scrolls: let it grow instead.
+UNSCROLL = """[...document.querySelectorAll('main *, table *')].forEach(e => {
+  const style = getComputedStyle(e);
+  if (/(auto|scroll)/.test(style.overflowY) && e.scrollHeight > e.clientHeight + 4) {
+    e.style.maxHeight = 'none'; e.style.height = 'auto'; e.style.overflowY = 'visible';
+  }
+}); true"""
+# The runs page's chart view keeps its layout in a saved state (this key): the first 10 runs
+# only, and a chart for every metric. Show 20 runs, and only the charts that compare them.
 SAVED_STATE = "MLflowLocalStorage-1.1-ExperimentPage-{ids}-ReactComponentState"
-SHOW_20_RUNS = """(() => {
-  const key = %s;
+CHARTS = ["d_loss", "g_loss", "d_real", "d_fake", "fid", "classifier_score", "precision",
+          "recall", "min_class_share", "classes_present", "conditional_accuracy"]  # fmt: skip
+CHART_STATE = """(() => {
+  const key = %s, keep = %s;
   const state = JSON.parse(localStorage.getItem(key) || '{}');
-  localStorage.setItem(key, JSON.stringify({...state, runsHiddenMode: 'FIRST_20_RUNS'}));
-  return true;
+  const charts = (state.compareRunCharts || []).map(chart => ({
+    ...chart, deleted: !keep.includes(chart.metricKey), runsCountToCompare: 20}));
+  localStorage.setItem(key, JSON.stringify(
+    {...state, runsHiddenMode: 'FIRST_20_RUNS', compareRunCharts: charts}));
+  return charts.length;
 })()"""
 
 
@@ -146,9 +160,26 @@ def open_page(browser: Chromium, url: str, ready_js: str) -> None:
     browser.evaluate(CLOSE_ASSISTANT)
 
 
-def screenshot(browser: Chromium, url: str, ready_js: str, bottom_js: str, out: Path) -> None:
-    """Open ``url`` in a tall window, wait until ``ready_js`` is true and the page has not
-    changed for 3 s, and save it down to ``bottom_js`` (a y in CSS pixels)."""
+def wait_until_settled(browser: Chromium, what: str) -> None:
+    """Until the page has not changed for 3 s: charts and tables fill in after the first
+    rows appear."""
+    last = {"size": -1, "since": time.monotonic()}
+
+    def settled() -> bool:
+        size = browser.evaluate("document.body.innerHTML.length")
+        if size != last["size"]:
+            last.update(size=size, since=time.monotonic())
+        return time.monotonic() - last["since"] >= 3
+
+    wait_for(settled, f"{what}: settled")
+
+
+def screenshot(
+    browser: Chromium, url: str, ready_js: str, bottom_js: str, out: Path, setup_js: str = ""
+) -> None:
+    """Open ``url`` in a tall window, wait until ``ready_js`` is true and the page has
+    settled, run ``setup_js`` (and let it settle again), and save the page down to
+    ``bottom_js`` (a y in CSS pixels)."""
     browser.page(
         "Emulation.setDeviceMetricsOverride",
         width=WIDTH,
@@ -157,15 +188,10 @@ def screenshot(browser: Chromium, url: str, ready_js: str, bottom_js: str, out: 
         mobile=False,
     )
     open_page(browser, url, ready_js)
-    last = {"size": -1, "since": time.monotonic()}
-
-    def settled() -> bool:  # charts and tables fill in after the first rows appear
-        size = browser.evaluate("document.body.innerHTML.length")
-        if size != last["size"]:
-            last.update(size=size, since=time.monotonic())
-        return time.monotonic() - last["since"] >= 3
-
-    wait_for(settled, f"{url}: settled")
+    wait_until_settled(browser, url)
+    if setup_js:
+        browser.evaluate(setup_js)
+        wait_until_settled(browser, url)
     height = min(6000, int(browser.evaluate(bottom_js)) + 24)
     clip = {"x": 0, "y": 0, "width": WIDTH, "height": height, "scale": 1}
     shot = browser.page("Page.captureScreenshot", format="png", clip=clip)
@@ -178,6 +204,10 @@ def main() -> None:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--store", default=f"sqlite:///{Path.cwd() / 'mlflow.db'}")
     parser.add_argument("--experiment", default="mnist-gan")
+    parser.add_argument(
+        "--compare", nargs="+", metavar="RUN",
+        help="run names for the Compare page (about 7 fit its width); default: every run",
+    )  # fmt: skip
     args = parser.parse_args()
 
     client = MlflowClient(args.store)
@@ -193,6 +223,11 @@ def main() -> None:
     )
     if not runs:
         sys.exit(f"{args.store}: experiment {args.experiment!r} has no finished run")
+    if args.compare:
+        by_name = {run.info.run_name: run for run in runs}
+        if missing := sorted(set(args.compare) - set(by_name)):
+            sys.exit(f"--compare: no finished run named {missing}; allowed: {sorted(by_name)}")
+        runs = [by_name[name] for name in args.compare]
     ids = json.dumps([run.info.run_id for run in runs])
     base = f"http://127.0.0.1:{PORT}/#/"
     compare = f"{base}compare-runs?" + urllib.parse.urlencode(
@@ -209,15 +244,20 @@ def main() -> None:
     try:
         wait_for(lambda: ui_is_up(f"http://127.0.0.1:{PORT}/health"), "mlflow ui")
         browser = Chromium()
+        # What each run ran with: the params that differ. Its metrics table is a fixed box
+        # that renders only the rows in view, so the picture stops above it (the chart view
+        # shows the metrics).
         screenshot(browser, compare,
                    "document.querySelectorAll('table td').length > 0",
-                   "Math.max(...[...document.querySelectorAll('table')].map("
-                   "t => t.getBoundingClientRect().bottom))",
-                   args.out_dir / "mlflow_compare.png")  # fmt: skip
+                   "document.evaluate(\"//*[normalize-space(text())='Metrics']\", document, "
+                   "null, XPathResult.FIRST_ORDERED_NODE_TYPE).singleNodeValue"
+                   ".getBoundingClientRect().top - 16",
+                   args.out_dir / "mlflow_compare.png",
+                   DIFF_ONLY + UNSCROLL)  # fmt: skip
         charts_ready = "document.querySelectorAll('.js-plotly-plot').length > 0"
         open_page(browser, charts, charts_ready)
         key = SAVED_STATE.format(ids=json.dumps([experiment.experiment_id]))
-        browser.evaluate(SHOW_20_RUNS % json.dumps(key))
+        browser.evaluate(CHART_STATE % (json.dumps(key), json.dumps(CHARTS)))
         screenshot(browser, charts, charts_ready,
                    "Math.max(...[...document.querySelectorAll('.js-plotly-plot')].map("
                    "p => p.getBoundingClientRect().bottom)) + 40",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -152,6 +153,7 @@ def main() -> None:
     parser.add_argument("--hardware", default="the 2-core CPU")
     args = parser.parse_args()
     mlflow.set_tracking_uri(f"sqlite:///{Path.cwd() / 'mlflow.db'}")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
 
     with tempfile.TemporaryDirectory() as scratch:
         runs = [load_run(MlflowClient(), name, Path(scratch)) for name in args.runs]
