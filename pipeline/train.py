@@ -125,6 +125,8 @@ class GAN:
             self.d_opt.apply(grads, d.trainable_variables)
         z = sample_noise(self.model.noise, shape, self.rng)
         with tf.GradientTape() as tape:
+            # D judges in inference mode here: its dropout regularises D's own updates, while
+            # G learns from the whole discriminator.
             logits = d(self._with_label(g(self._with_label(z, labels), training=True), labels))
             g_loss = self._mean(generator_loss(kind, logits))
             scaled = self.g_opt.scale_loss(g_loss)
