@@ -35,8 +35,9 @@ test: setup
 # One preset = one ordinary DVC experiment (listed by `dvc exp show` and in MLflow):
 #   make exp PRESET=seed001            # run now
 #   make exp PRESET=seed001 QUEUE=1    # queue it; then `dvc queue start`
+#   make exp PRESET=seed002 SET='train.epochs=300 model.d_dropout=0.3'   # preset + changes
 exp: setup
-	args="$$(python -m pipeline.params exp-args $(PRESET))" && \
+	args="$$(python -m pipeline.params exp-args $(PRESET) $(SET))" && \
 	eval dvc exp run $(if $(QUEUE),--queue) -n "$(PRESET)-$$(date +%Y%m%d-%H%M%S)" $$args
 
 # Every experiment side by side: the params that tell presets apart, the final losses and

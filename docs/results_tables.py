@@ -5,17 +5,17 @@ runs:
 
     python -m docs.results_tables default-20261123-164810 seed003-20261123-164821 ...
 
-A run named ``<preset>-<date>-<time>`` (what ``make exp`` names it) is reproduced by ``make
-exp PRESET=<preset>``; any other name (``dvc exp run -n NAME -S ...``) is listed in the
-table only.
+Each run's reproduce command comes from its logged params: its ``preset``, and every param
+that differs from that preset (``make exp PRESET=<preset> SET='<key>=<value> ...'``). A run
+of a preset as it stands is labelled with the preset's name, any other with its run name.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import yaml
 from mlflow.tracking import MlflowClient
 
-from pipeline.params import preset_names
+from pipeline.params import apply_overrides, load_preset, parse_params, preset_names
 
 PICTURES = {"samples": "plots/samples.png", "curves": "plots/training_curves.png"}
-MAKE_EXP_NAME = re.compile(r"^(?P<preset>.+)-\d{8}-\d{6}$")
 # (metric, label, format): the evaluate stage's figures, each beside the real-data floor.
 METRICS = [
     ("fid", "FID (classifier features) ↓", ".2f"),
@@ -44,16 +44,13 @@ METRICS = [
 @dataclass
 class Run:
     name: str
-    label: str  # the preset, or the run name when it is not a `make exp` run
+    label: str  # the preset, or the run name when it changed the preset
+    command: str  # what reproduces it
     run_id: str
     params: dict[str, str]
     metrics: dict[str, float]
     train: dict[str, Any]  # reports/train.json
     pictures: dict[str, Path]
-
-    @property
-    def is_preset(self) -> bool:
-        return self.label != self.name
 
     @property
     def length(self) -> str:
@@ -74,8 +71,11 @@ def load_run(client: MlflowClient, name: str, scratch: Path) -> Run:
     if not found:
         raise SystemExit(f"{name}: no finished MLflow run of that name")
     run = found[0]
-    match = MAKE_EXP_NAME.match(name)
-    label = match["preset"] if match and match["preset"] in preset_names() else name
+    preset = run.data.params["preset"]
+    if preset not in preset_names():
+        raise SystemExit(f"{name}: preset {preset!r} is not in presets/; allowed: {preset_names()}")
+    changes = changed_params(preset, run.data.params)
+    command = f"make exp PRESET={preset}" + (f" SET='{' '.join(changes)}'" if changes else "")
     files = {}
     for key, path in {**PICTURES, "train": "train.json"}.items():
         files[key] = Path(
@@ -85,13 +85,31 @@ def load_run(client: MlflowClient, name: str, scratch: Path) -> Run:
         )
     return Run(
         name=name,
-        label=label,
+        label=name if changes else preset,
+        command=command,
         run_id=run.info.run_id,
         params=run.data.params,
         metrics=run.data.metrics,
         train=json.loads(files.pop("train").read_text()),
         pictures=files,
     )
+
+
+def changed_params(preset: str, logged: dict[str, str]) -> list[str]:
+    """``key=value`` for each param the run logged that differs from its preset's."""
+    raw = yaml.safe_load(Path("params.yaml").read_text())
+    expected = parse_params(apply_overrides(raw, load_preset(preset))).flat()
+    changes = []
+    for key, value in expected.items():
+        if logged.get(key, str(value)) != str(value):
+            try:  # MLflow logs str(value): back to the value, then in the form -S reads
+                parsed = ast.literal_eval(logged[key])
+            except (ValueError, SyntaxError):
+                parsed = logged[key]
+            # Compact JSON: `make exp SET='...'` splits its value at spaces.
+            text = parsed if isinstance(parsed, str) else json.dumps(parsed, separators=(",", ":"))
+            changes.append(f"{key}={text}")
+    return changes
 
 
 def glance_table(runs: list[Run]) -> list[str]:
@@ -101,7 +119,7 @@ def glance_table(runs: list[Run]) -> list[str]:
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for run in runs:
-        name = f"[`{run.label}`](#{run.label})" if run.is_preset else f"`{run.label}`"
+        name = f"[`{run.label}`](#{run.label})"
         m = run.metrics
         lines.append(
             f"| {name} | {run.length} | {run.minutes} | {m['fid']:.1f} | "
@@ -122,7 +140,7 @@ def section(run: Run, hardware: str) -> list[str]:
     lines = [
         f"### `{run.label}`",
         "",
-        f"Reproduce: `make exp PRESET={run.label}`  ",
+        f"Reproduce: `{run.command}`  ",
         f"Run `{run.name}` (MLflow `{run.run_id[:8]}`): {t['steps']:,} steps ({epochs} epochs) "
         f"in {run.minutes} on {hardware}.  ",
         f"Final epoch: D loss {m['d_loss']:.3f}, G loss {m['g_loss']:.3f}, "
@@ -159,13 +177,11 @@ def main() -> None:
         runs = [load_run(MlflowClient(), name, Path(scratch)) for name in args.runs]
         args.pictures.mkdir(parents=True, exist_ok=True)
         for run in runs:
-            if run.is_preset:
-                for key, path in run.pictures.items():
-                    shutil.copyfile(path, args.pictures / f"{run.label}_{key}.png")
+            for key, path in run.pictures.items():
+                shutil.copyfile(path, args.pictures / f"{run.label}_{key}.png")
     lines = [*glance_table(runs), ""]
     for run in runs:
-        if run.is_preset:
-            lines += section(run, args.hardware)
+        lines += section(run, args.hardware)
     print("\n".join(lines))
 
 

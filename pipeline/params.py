@@ -233,11 +233,26 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     return result
 
 
-def exp_run_args(name: str, base: str | Path = "params.yaml") -> list[str]:
-    """The ``dvc exp run`` arguments (``-S key=value`` each) that run preset ``name``,
-    checked against the schema first. Values are written as JSON, which DVC's (Hydra)
-    override parser reads back as the same numbers, lists, strings and nulls."""
-    overrides = load_preset(name)
+def parse_assignments(pairs: list[str]) -> dict[str, Any]:
+    """``["train.epochs=300", ...]`` -> ``{"train.epochs": 300}``: values read as YAML, as
+    DVC's ``-S`` reads them."""
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ParamsError(f"override: got {pair!r}; expected KEY=VALUE, e.g. train.epochs=300")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def exp_run_args(
+    name: str, base: str | Path = "params.yaml", extra: dict[str, Any] | None = None
+) -> list[str]:
+    """The ``dvc exp run`` arguments (``-S key=value`` each) that run preset ``name`` with
+    ``extra`` overrides on top, checked against the schema first. Values are written as
+    JSON, which DVC's (Hydra) override parser reads back as the same numbers, lists,
+    strings and nulls."""
+    overrides = {**load_preset(name), **(extra or {})}
     with Path(base).open() as handle:
         parse_params(apply_overrides(yaml.safe_load(handle), overrides), f"preset {name}")
     args: list[str] = []
@@ -251,9 +266,12 @@ if __name__ == "__main__":  # `python -m pipeline.params exp-args seed001` (used
     import shlex
     import sys
 
-    if len(sys.argv) != 3 or sys.argv[1] != "exp-args":
-        sys.exit(f"usage: python -m pipeline.params exp-args PRESET  (presets: {preset_names()})")
+    if len(sys.argv) < 3 or sys.argv[1] != "exp-args":
+        sys.exit(
+            "usage: python -m pipeline.params exp-args PRESET [KEY=VALUE ...]  "
+            f"(presets: {preset_names()})"
+        )
     try:
-        print(shlex.join(exp_run_args(sys.argv[2])))
+        print(shlex.join(exp_run_args(sys.argv[2], extra=parse_assignments(sys.argv[3:]))))
     except ParamsError as exc:
         sys.exit(str(exc))

@@ -16,6 +16,7 @@ from pipeline.params import (
     exp_run_args,
     load_params,
     load_preset,
+    parse_assignments,
     parse_params,
     preset_names,
 )
@@ -89,6 +90,36 @@ def test_exp_args_refuse_an_invalid_preset(tmp_path: Path) -> None:
         exp_run_args("smoke", params_file)
     with pytest.raises(ParamsError, match=r"preset: got 'seed999'; allowed: \['default'"):
         exp_run_args("seed999", params_file)
+
+
+def test_exp_args_put_changes_on_top_of_a_preset(
+    raw_params: dict[str, Any], tmp_path: Path
+) -> None:
+    """`make exp PRESET=seed002 SET='train.epochs=300 ...'`: each key once, the change wins."""
+    params_file = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", params_file)
+    extra = parse_assignments(["train.epochs=300", "model.g_hidden=[64, 32]"])
+    assert extra == {"train.epochs": 300, "model.g_hidden": [64, 32]}
+    args = exp_run_args("seed002", params_file, extra)
+    assert args[1::2].count("train.epochs=300") == 1
+    assert not any(arg.startswith("train.epochs=1000") for arg in args)
+    dvc_apply_overrides(params_file, args[1::2])
+    expected = parse_params(apply_overrides(raw_params, {**load_preset("seed002"), **extra}))
+    assert load_params(params_file) == expected
+
+
+@pytest.mark.parametrize(
+    ("pairs", "message"),
+    [
+        (["train.epochs"], r"override: got 'train.epochs'; expected KEY=VALUE"),
+        (["=3"], r"override: got '=3'; expected KEY=VALUE"),
+        (["train.epochs=0"], r"train.epochs: got 0; Input should be greater than 0"),
+        (["train.epoch=3"], r"train.epoch: unknown key"),
+    ],
+)
+def test_exp_args_refuse_a_bad_change(pairs: list[str], message: str) -> None:
+    with pytest.raises(ParamsError, match=message):
+        exp_run_args("seed002", REPO / "params.yaml", parse_assignments(pairs))
 
 
 # A variant fixes one thing in a recipe: it must differ from its base there and nowhere else.
