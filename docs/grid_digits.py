@@ -2,7 +2,7 @@
 training logged. For docs/results.md; from the repo root, after the runs and `dvc repro
 classifier`:
 
-    python -m docs.grid_digits seed002-20261123-184501 seed002-leaky-20261123-161352
+    python -m docs.grid_digits seed002-dropout-300ep [more runs, one column each]
 
 Each run's grids come from its MLflow artifacts (``samples/step_*.png``, the same noise every
 time), each 28x28 tile is classified by ``models/classifier.keras``, and a Markdown table
