@@ -18,11 +18,10 @@ from pathlib import Path
 
 import keras
 import tensorflow as tf
-import yaml
 
 from pipeline.data import load_split, make_dataset, scale_images
 from pipeline.models import build_discriminator, build_generator
-from pipeline.params import Params, apply_overrides, load_preset, parse_params
+from pipeline.params import Params, load_params, load_preset
 from pipeline.train import GAN
 
 PRESET = "seed001"
@@ -30,8 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def seed001_params(**train: object) -> Params:
-    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    params = parse_params(apply_overrides(raw, load_preset(PRESET)))
+    params = load_params(REPO_ROOT / "params.yaml", load_preset(PRESET))
     return params.model_copy(update={"train": params.train.model_copy(update=train)})
 
 

@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import yaml
 from mlflow.tracking import MlflowClient
 
-from pipeline.params import apply_overrides, load_preset, parse_params, preset_names
+from pipeline.params import load_params, load_preset, preset_names
 
 PICTURES = {"samples": "plots/samples.png", "curves": "plots/training_curves.png"}
 # (metric, label, format): the evaluate stage's figures, each beside the real-data floor.
@@ -97,8 +96,7 @@ def load_run(client: MlflowClient, name: str, scratch: Path) -> Run:
 
 def changed_params(preset: str, logged: dict[str, str]) -> list[str]:
     """``key=value`` for each param the run logged that differs from its preset's."""
-    raw = yaml.safe_load(Path("params.yaml").read_text())
-    expected = parse_params(apply_overrides(raw, load_preset(preset))).flat()
+    expected = load_params("params.yaml", load_preset(preset)).flat()
     changes = []
     for key, value in expected.items():
         if logged.get(key, str(value)) != str(value):

@@ -188,11 +188,19 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
         raise ParamsError(f"{source} is invalid:\n  " + "\n  ".join(lines)) from None
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
+def load_params(
+    path: str | Path = "params.yaml",
+    overrides: dict[str, Any] | None = None,
+    source: str | None = None,
+) -> Params:
+    """``path`` validated, with dotted ``overrides`` (a preset's, say) set first; errors are
+    reported against ``source`` (default: the path)."""
     path = Path(path)
     with path.open() as handle:
         raw = yaml.safe_load(handle)
-    return parse_params(raw, str(path))
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    return parse_params(raw, source or str(path))
 
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
@@ -253,8 +261,7 @@ def exp_run_args(
     JSON, which DVC's (Hydra) override parser reads back as the same numbers, lists,
     strings and nulls."""
     overrides = {**load_preset(name), **(extra or {})}
-    with Path(base).open() as handle:
-        parse_params(apply_overrides(yaml.safe_load(handle), overrides), f"preset {name}")
+    load_params(base, overrides, f"preset {name}")
     args: list[str] = []
     for key, value in overrides.items():
         plain = isinstance(value, str) and yaml.safe_load(value) == value

@@ -34,6 +34,13 @@ def test_committed_params_validate() -> None:
     assert params.flat()["train.lr_g"] == params.train.lr_g
 
 
+def test_overrides_are_set_before_validation(raw_params: dict[str, Any]) -> None:
+    params = load_params(REPO / "params.yaml", load_preset("seed001"))
+    assert params == parse_params(apply_overrides(raw_params, load_preset("seed001")))
+    with pytest.raises(ParamsError, match=r"^preset x is invalid:\n  train.epochs: got 0"):
+        load_params(REPO / "params.yaml", {"train.epochs": 0}, source="preset x")
+
+
 @pytest.mark.parametrize("name", preset_names())
 def test_every_preset_validates(raw_params: dict[str, Any], name: str) -> None:
     params = parse_params(apply_overrides(raw_params, load_preset(name)))
