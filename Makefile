@@ -11,7 +11,7 @@ export UV_PROJECT_ENVIRONMENT := $(VENV)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 PRESET ?= default
 
-.PHONY: setup repro test lint exp compare report lock clean
+.PHONY: setup repro test lint exp compare report lock clean push pull
 
 setup: $(VENV)/.synced
 
@@ -53,6 +53,16 @@ report: setup
 	@echo "HTML report:  $(CURDIR)/reports/html/index.html"
 	@echo "PNG/GIF:      $(CURDIR)/reports/plots/"
 	@echo "Compare runs: dvc exp show; dvc plots diff <exp> <exp>; mlflow ui --backend-store-uri sqlite:///mlflow.db"
+
+# Share the pipeline's outputs through the DVC remote (.dvc/config: a folder beside the
+# clone unless overridden; README "Scaling out"). REMOTE=name picks another remote.
+#   make push               # after `make repro` + committing dvc.lock: upload what it points to
+#   make pull               # in another clone: download it; `dvc status` is then clean
+push: setup
+	dvc push $(if $(REMOTE),--remote $(REMOTE))
+
+pull: setup
+	dvc pull $(if $(REMOTE),--remote $(REMOTE))
 
 lint: setup
 	ruff check . && ruff format --check .
