@@ -41,6 +41,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.inference import Generator, InputError, ModelError, encode_png, to_uint8
+from pipeline.page import mount_page
 
 log = logging.getLogger("pipeline.serve")
 access_log = logging.getLogger("pipeline.serve.access")
@@ -526,6 +527,7 @@ def create_app(settings: Settings) -> FastAPI:
         body = Readiness(ready=ready, reason=state.reason).model_dump()
         return JSONResponse(body, status_code=200 if ready else 503)
 
+    mount_page(app)  # the digits page at / (pipeline/page.py)
     app.add_middleware(Limits, settings.max_body_bytes, settings.max_concurrency)
     app.add_middleware(AccessLog)
     return app
