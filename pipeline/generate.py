@@ -42,10 +42,7 @@ def write_samples(
     generator = Generator(model)
     images = generator.generate(n, seed=seed, digit=digit)
     if out.suffix == ".png":
-        # Conditional models cycle through the digits: 10 columns give one digit per column.
-        if cols is None and generator.conditional and digit is None:
-            cols = generator.num_classes
-        data = encode_png(images, cols)
+        data = encode_png(images, cols or generator.columns(n, digit))
     else:
         buffer = io.BytesIO()
         np.save(buffer, images)
