@@ -62,7 +62,7 @@ class RealReference:
             "train_probs": self.train.probs,
         }
         with atomic_path(path) as tmp:
-            np.savez_compressed(tmp, **arrays)
+            np.savez_compressed(tmp, allow_pickle=False, **arrays)
 
     @classmethod
     def load(cls, path: Path) -> RealReference:

@@ -14,6 +14,7 @@ import io
 import logging
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
@@ -54,7 +55,7 @@ def write_samples(
 
 
 class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse prints the whole usage block by default
+    def error(self, message: str) -> NoReturn:  # argparse prints the whole usage block by default
         self.exit(2, f"error: {message} (see --help)\n")
 
 

@@ -163,10 +163,10 @@ def training_gif(
     font = ImageFont.load_default(size=16)
     frames = []
     for step, source in steps:
-        with Image.open(source) as grid:
-            grid = grid.convert("L")
-            scale = max(1, -(-GIF_MIN_WIDTH // grid.width))
-            grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+        with Image.open(source) as image:
+            scale = max(1, -(-GIF_MIN_WIDTH // image.width))
+            size = (image.width * scale, image.height * scale)
+            grid = image.convert("L").resize(size, Image.Resampling.NEAREST)
         frame = Image.new("L", (grid.width, grid.height + GIF_CAPTION_HEIGHT), color=255)
         frame.paste(grid, (0, GIF_CAPTION_HEIGHT))
         caption = f"step {step:,}"

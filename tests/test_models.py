@@ -30,7 +30,9 @@ def test_shapes_and_output_range(
         smoke_params, arch=arch, output=output, conditional=conditional, latent_dim=16
     )
     g, d = build_generator(model), build_discriminator(model)
-    z = tf.constant(sample_latents("normal", 5, 16, 0) * 10.0)  # large inputs: the output must saturate
+    z = tf.constant(
+        sample_latents("normal", 5, 16, 0) * 10.0
+    )  # large inputs: the output must saturate
     labels = tf.constant([0, 3, 9, 1, 2], tf.int32)
     images = g([z, labels] if conditional else z)
     logits = d([images, labels] if conditional else images)
