@@ -22,7 +22,8 @@ import tensorflow as tf
 from pipeline.data import load_split, make_dataset
 from pipeline.images import from_uint8
 from pipeline.models import build_discriminator, build_generator
-from pipeline.params import Params, load_params, load_preset
+from pipeline.params import Params, load_params
+from pipeline.presets import load_preset
 from pipeline.train import GAN
 
 PRESET = "seed001"
