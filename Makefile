@@ -37,7 +37,7 @@ test: setup
 #   make exp PRESET=seed001 QUEUE=1    # queue it; then `dvc queue start`
 #   make exp PRESET=seed002 SET='train.epochs=300 model.d_dropout=0.3'   # preset + changes
 exp: setup
-	args="$$(python -m pipeline.params exp-args $(PRESET) $(SET))" && \
+	args="$$(python -m pipeline.presets exp-args $(PRESET) $(SET))" && \
 	eval dvc exp run $(if $(QUEUE),--queue) -n "$(PRESET)-$$(date +%Y%m%d-%H%M%S)" $$args
 
 # Every experiment side by side: the params that tell presets apart, the final losses and

@@ -19,9 +19,11 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from pipeline.data import load_split, make_dataset, scale_images
+from pipeline.data import load_split, make_dataset
+from pipeline.images import from_uint8
 from pipeline.models import build_discriminator, build_generator
-from pipeline.params import Params, load_params, load_preset
+from pipeline.params import Params, load_params
+from pipeline.presets import load_preset
 from pipeline.train import GAN
 
 PRESET = "seed001"
@@ -109,7 +111,7 @@ def main() -> None:
     images, labels = load_split(args.data, "train")
     params = seed001_params()
     rows = [("plain per-batch loop (tf.function step)", images_per_s(
-        plain_loop(params, tf.constant(scale_images(images, params.model.output))), args.epochs
+        plain_loop(params, tf.constant(from_uint8(images, params.model.output))), args.epochs
     ))]  # fmt: skip
     rows.append(("epoch in one tf.function (this trainer)", images_per_s(
         epoch_in_graph(params, images, labels), args.epochs

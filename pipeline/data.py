@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.images import from_unit
 from pipeline.stage import UserError
 
 if TYPE_CHECKING:  # TensorFlow is imported lazily: the download stage must not pay ~6 s for it.
@@ -296,13 +297,6 @@ def download_mnist(
 # --------------------------------------------------------------------------- tf.data
 
 
-def scale_images(images: np.ndarray, output: str) -> np.ndarray:
-    """uint8 [N, 28, 28] -> float32 [N, 28, 28, 1] in the generator's output range:
-    [-1, 1] for a ``tanh`` generator, [0, 1] for ``sigmoid``."""
-    scaled = images.astype(np.float32)[..., None] / 255.0
-    return scaled * 2.0 - 1.0 if output == "tanh" else scaled
-
-
 def make_dataset(
     images: np.ndarray,
     labels: np.ndarray,
@@ -341,7 +335,7 @@ def make_dataset(
 
     def gather(index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         batch = tf.cast(tf.gather(pixels, index), tf.float32)[..., None] / 255.0
-        return (batch * 2.0 - 1.0 if output == "tanh" else batch), tf.gather(classes, index)
+        return from_unit(batch, output), tf.gather(classes, index)
 
     last = tf.int64.max if epochs is None else first_epoch + epochs
     return (

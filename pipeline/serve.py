@@ -40,7 +40,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.inference import Generator, InputError, ModelError, encode_png, to_uint8
+from pipeline.images import NUM_CLASSES, to_uint8
+from pipeline.inference import Generator, InputError, ModelError, encode_png
 from pipeline.page import mount_page
 
 log = logging.getLogger("pipeline.serve")
@@ -255,10 +256,8 @@ def _render(
     images = generator.generate(n, seed=seed, digit=digit, z=z)
     headers = {"X-Seed": str(seed)}
     if fmt == "png":
-        # Conditional models cycle the digits 0..9 when none is asked for: ten columns then
-        # show one class per column.
-        cols = min(n, generator.num_classes) if generator.conditional and digit is None else None
-        return Response(encode_png(images, cols), media_type="image/png", headers=headers)
+        png = encode_png(images, generator.columns(n, digit))
+        return Response(png, media_type="image/png", headers=headers)
     pixels = to_uint8(images) if dtype == "uint8" else images
     body = {
         "n": n,
@@ -446,7 +445,7 @@ def create_app(settings: Settings) -> FastAPI:
     that states the loaded model's latent width and digit range."""
     state = ModelState.load(settings)
     generator = state.generator
-    classes = generator.num_classes if generator and generator.conditional else 10
+    classes = generator.num_classes if generator and generator.conditional else NUM_CLASSES
     digit_type = Annotated[
         int,
         Field(ge=0, le=classes - 1, description="class to draw (conditional models only)"),

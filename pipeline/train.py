@@ -41,8 +41,9 @@ from tqdm import tqdm
 from pipeline import tracking
 from pipeline.data import load_split, make_dataset
 from pipeline.files import atomic_path, write_json
+from pipeline.images import cycle_labels, sample_latents, tile, to_uint8, to_unit
 from pipeline.losses import discriminator_loss, generator_loss, gradient_penalty
-from pipeline.models import NUM_CLASSES, build_discriminator, build_generator, sample_noise
+from pipeline.models import build_discriminator, build_generator, sample_noise
 from pipeline.params import Params, TrainParams
 from pipeline.stage import UserError
 
@@ -155,7 +156,7 @@ class GAN:
             done += 1
         return sums, done
 
-    def sample(self, z: tf.Tensor, labels: tf.Tensor) -> np.ndarray:
+    def sample(self, z: np.ndarray, labels: np.ndarray) -> np.ndarray:
         return self.generator(self._with_label(z, labels), training=False).numpy()
 
 
@@ -184,13 +185,15 @@ def checkpoint_digest(params: Params) -> str:
     return hashlib.sha256(training.encode() + code).hexdigest()[:16]
 
 
+GRID_PAD = 2  # white gaps between the digits of a sample grid make them readable
+
+
 def _save_grid(images: np.ndarray, output: str, path: Path) -> None:
-    """[n*n, 28, 28, 1] in the training range -> one n x n PNG."""
-    pixels = images[..., 0] if output == "sigmoid" else (images[..., 0] + 1.0) / 2.0
-    n = round(len(pixels) ** 0.5)
-    tiles = (np.clip(pixels, 0, 1) * 255).round().astype(np.uint8).reshape(n, n, 28, 28)
+    """[n*n, 28, 28, 1] in the training range -> one n x n PNG with white gaps."""
+    pixels = to_uint8(to_unit(images[..., 0], output))
+    grid = tile(pixels, round(len(pixels) ** 0.5), pad=GRID_PAD, fill=255)
     with atomic_path(path) as tmp:
-        Image.fromarray(tiles.transpose(0, 2, 1, 3).reshape(n * 28, n * 28)).save(tmp, "PNG")
+        Image.fromarray(grid).save(tmp, "PNG")
 
 
 def _save_model(model: keras.Model, path: Path) -> None:
@@ -279,8 +282,8 @@ def train(params: Params, data_dir: Path, models_dir: Path, reports_dir: Path) -
     samples_dir.mkdir(exist_ok=True)
     rows: list[dict[str, float]] = json.loads(history.numpy())
     side = train_p.sample_grid
-    fixed_z = sample_noise(model_p.noise, (side * side, model_p.latent_dim), params.seed)
-    fixed_labels = tf.range(side * side, dtype=tf.int32) % NUM_CLASSES
+    fixed_z = sample_latents(model_p.noise, side * side, model_p.latent_dim, params.seed)
+    fixed_labels = cycle_labels(side * side).astype(np.int32)
 
     start = int(step.numpy())  # > 0 when resuming
     dataset = make_dataset(

@@ -17,7 +17,9 @@ def main() -> None:
     parser.add_argument("--partial-dir", type=Path, default=Path(".cache/downloads"))
     args = parser.parse_args()
     data = load_params(args.params).data
-    download_mnist(args.out, data.mirrors, args.partial_dir, data.timeout_s, data.retries)
+    download_mnist(
+        args.out, [str(url) for url in data.mirrors], args.partial_dir, data.timeout_s, data.retries
+    )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ import pytest
 import yaml
 
 from pipeline.data import FILES
-from pipeline.params import Params, apply_overrides, load_preset, parse_params
+from pipeline.params import Params, apply_overrides, parse_params
+from pipeline.presets import load_preset
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_MNIST = REPO.parent / "shared" / "mnist"

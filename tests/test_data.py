@@ -18,7 +18,6 @@ from pipeline.data import (
     download_mnist,
     load_split,
     parse_idx,
-    scale_images,
 )
 
 from conftest import MirrorServer
@@ -81,12 +80,6 @@ def test_refuses_a_valid_file_of_the_wrong_kind() -> None:
     labels = idx_bytes(0x0801, [3], b"\x01\x02\x03")
     with pytest.raises(IdxFormatError, match="expected magic 2051"):
         parse_idx(labels, FILES[0])
-
-
-def test_scaling_matches_the_generator_output() -> None:
-    pixels = np.array([[[0, 255]]], dtype=np.uint8)
-    assert scale_images(pixels, "tanh").ravel().tolist() == [-1.0, 1.0]
-    assert scale_images(pixels, "sigmoid").ravel().tolist() == [0.0, 1.0]
 
 
 # --------------------------------------------------------------------------- download

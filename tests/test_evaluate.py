@@ -16,7 +16,8 @@ from PIL import Image
 
 from pipeline.evaluate import generate_samples
 from pipeline.models import build_generator
-from pipeline.params import Params, apply_overrides, flatten, load_preset
+from pipeline.params import Params, apply_overrides, flatten
+from pipeline.presets import load_preset
 
 from conftest import Dvc
 

@@ -10,14 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.params import (
-    ParamsError,
-    apply_overrides,
-    load_params,
-    load_preset,
-    parse_params,
-    preset_names,
-)
+from pipeline.params import ParamsError, apply_overrides, load_params, parse_params
+from pipeline.presets import load_preset, preset_names
 
 REPO = Path(__file__).resolve().parent.parent
 
