@@ -80,7 +80,7 @@ web: setup $(ORT_WEB)
 
 # Pinned by package-lock.json; installed only when missing or when the lock changed.
 $(ORT_WEB): package-lock.json
-	npm ci --no-audit --no-fund
+	npm ci --ignore-scripts --no-audit --no-fund
 	touch $@
 
 # Builds the serve image for real (Docker daemon, debootstrap base image), runs it and

@@ -138,7 +138,9 @@ def build_site(model: Path, out: Path, ort_dist: Path = ORT_DIST) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build the static digits site (make web).")
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.page", description="Build the static digits site (make web)."
+    )
     parser.add_argument("--model", type=Path, default=Path("models/generator.onnx"))
     parser.add_argument("--out", type=Path, default=Path("web"))
     parser.add_argument("--ort-dist", type=Path, default=ORT_DIST, help=argparse.SUPPRESS)

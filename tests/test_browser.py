@@ -107,7 +107,12 @@ def ort_dist() -> Path:
     if not all((ORT_DIST / name).is_file() for name in ORT_FILES):
         npm = shutil.which("npm")
         assert npm, "npm not found: the static site needs node 20 + npm (see README)"
-        subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=REPO, check=True, timeout=300)
+        subprocess.run(
+            [npm, "ci", "--ignore-scripts", "--no-audit", "--no-fund"],
+            cwd=REPO,
+            check=True,
+            timeout=300,
+        )
     return ORT_DIST
 
 
