@@ -283,6 +283,17 @@ function buildDigitButtons(classes) {
   group.hidden = false;
 }
 
+/** The seed and digit asked for in the address (#seed=7&digit=7), else a random seed. */
+function readLocation() {
+  const asked = new URLSearchParams(location.hash.slice(1));
+  const digit = asked.get("digit");
+  const classes = backend.meta.num_classes;
+  if (backend.meta.conditional) {
+    selectDigit(digit !== null && /^\d+$/.test(digit) && Number(digit) < classes ? Number(digit) : null);
+  }
+  $("seed").value = asked.get("seed") ?? randomSeed();
+}
+
 function showMetadata(meta) {
   const props = meta.metadata || {};
   $("meta-preset").textContent = props.preset || "–";
@@ -306,13 +317,12 @@ async function start() {
   }
   state.meta = backend.meta;
   showMetadata(backend.meta);
-  const asked = new URLSearchParams(location.hash.slice(1));
-  const digit = asked.get("digit");
-  if (backend.meta.conditional) {
-    buildDigitButtons(backend.meta.num_classes);
-    selectDigit(digit !== null && /^\d+$/.test(digit) && Number(digit) < backend.meta.num_classes ? Number(digit) : null);
-  }
-  $("seed").value = asked.get("seed") ?? randomSeed();
+  if (backend.meta.conditional) buildDigitButtons(backend.meta.num_classes);
+  readLocation();
+  window.addEventListener("hashchange", () => {
+    readLocation(); // a link or an edited address: #seed=7&digit=7
+    drawGrid();
+  });
   $("seed-form").addEventListener("submit", (event) => {
     event.preventDefault();
     drawGrid();
