@@ -238,9 +238,11 @@ def test_broken_model_starts_but_is_not_ready(
 # --------------------------------------------------------------------------- settings
 
 
-def test_settings_from_env_and_overrides() -> None:
+def test_settings_from_env_and_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
     env = {"MNIST_GAN_MAX_N": "32", "MNIST_GAN_PORT": "9000", "MNIST_GAN_MODEL": "m.onnx"}
-    settings = Settings.load(env, port="9001", host=None)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings.load(port="9001", host=None)
     assert (settings.max_n, settings.port, settings.model) == (32, 9001, Path("m.onnx"))
     assert settings.host == "127.0.0.1"  # loopback unless asked otherwise
 
@@ -256,9 +258,16 @@ def test_settings_from_env_and_overrides() -> None:
         ("MNIST_GAN_LOG_LEVEL", "loud"),
     ],
 )
-def test_invalid_settings_are_named(name: str, value: str) -> None:
+def test_invalid_settings_are_named(name: str, value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(name, value)
     with pytest.raises(SettingsError, match=f"{name}='{value}' is invalid; allowed: "):
-        Settings.load({name: value})
+        Settings.load()
+
+
+def test_invalid_flag_is_named_as_the_flag() -> None:
+    allowed = "allowed: an integer from 1 to 65535"
+    with pytest.raises(SettingsError, match=f"--port='70000' is invalid; {allowed}"):
+        Settings.load(port="70000")
 
 
 def test_cli_refuses_invalid_settings_before_starting() -> None:
