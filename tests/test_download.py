@@ -57,6 +57,18 @@ def test_resumes_a_truncated_body_with_range(tmp_path: Path, mirror: MirrorServe
     assert int(second_range.removeprefix("bytes=").rstrip("-")) > 0
 
 
+def test_bodies_cut_short_every_time_spend_the_retry_budget(
+    tmp_path: Path, mirror: MirrorServer
+) -> None:
+    """The Range-resume loop shares urllib3's retry budget: bounded, and each try resumes."""
+    mirror.faults[LABELS.gz_name] = [(200, lambda body: body[:1000], 0.0)] * 10
+    with pytest.raises(DownloadError, match=r"ProtocolError: .* \(after 3 attempts\)"):
+        fetch(LABELS, tmp_path, [mirror.url], retries=2)
+    assert len(mirror.requests) == 3
+    assert [ranged for _, ranged in mirror.requests] == [None, "bytes=1000-", "bytes=1000-"]
+    assert_nothing_partial(tmp_path)
+
+
 def test_restarts_when_the_server_ignores_range(tmp_path: Path, mirror: MirrorServer) -> None:
     mirror.honour_range = False
     mirror.faults[LABELS.gz_name] = [(200, lambda body: body[:1000], 0.0)]
