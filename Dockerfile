@@ -37,7 +37,8 @@ COPY --from=serve-deps /opt/venv /opt/venv
 WORKDIR /app
 # Only the params-free inference path: no TensorFlow, DVC or MLflow in this image.
 COPY pipeline/__init__.py pipeline/files.py pipeline/images.py pipeline/inference.py pipeline/page.py \
-    pipeline/serve.py pipeline/
+    pipeline/serve.py pipeline/serve_api.py pipeline/serve_logging.py pipeline/serve_middleware.py \
+    pipeline/serve_settings.py pipeline/
 # The digits page at / (a few KB; the static site's WebAssembly runtime is not in the image).
 COPY pipeline/web/index.html pipeline/web/app.js pipeline/web/latents.js pipeline/web/style.css pipeline/web/
 # The model is baked in; mount another one over /models/generator.onnx to swap it.

@@ -19,8 +19,9 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from pipeline.data import load_split, make_dataset
+from pipeline.dataset import make_dataset
 from pipeline.images import from_uint8
+from pipeline.mnist import load_split
 from pipeline.models import build_discriminator, build_generator
 from pipeline.params import Params, load_params
 from pipeline.presets import load_preset

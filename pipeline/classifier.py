@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.data import load_split
 from pipeline.files import atomic_path, write_json
 from pipeline.images import NUM_CLASSES, SHAPE, from_uint8
+from pipeline.mnist import load_split
 from pipeline.params import ClassifierParams
 
 if TYPE_CHECKING:  # TensorFlow is imported lazily so that importing this module stays cheap.

@@ -39,10 +39,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline import tracking
-from pipeline.data import load_split, make_dataset
+from pipeline.dataset import make_dataset
 from pipeline.files import atomic_path, write_json
 from pipeline.images import cycle_labels, sample_latents, tile, to_uint8, to_unit
 from pipeline.losses import discriminator_loss, generator_loss, gradient_penalty
+from pipeline.mnist import load_split
 from pipeline.models import build_discriminator, build_generator, sample_noise
 from pipeline.params import Params, TrainParams
 from pipeline.stage import UserError
@@ -52,7 +53,7 @@ log = logging.getLogger(__name__)
 METRICS = ("d_loss", "g_loss", "d_real", "d_fake")
 HISTORY_COLUMNS = ("epoch", "step", *METRICS, "epoch_seconds", "images_per_s")
 # The code that decides the weights: a checkpoint written by other code is not resumed.
-SOURCES = ("train.py", "models.py", "losses.py", "data.py")
+SOURCES = ("train.py", "models.py", "losses.py", "dataset.py", "mnist.py", "images.py")
 
 
 class TrainingDivergedError(UserError, RuntimeError):

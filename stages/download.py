@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.data import download_mnist
+from pipeline.download import download_mnist
 from pipeline.params import load_params
 from pipeline.stage import run
 

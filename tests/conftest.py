@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.data import FILES
+from pipeline.mnist import FILES
 from pipeline.params import Params, apply_overrides, parse_params
 from pipeline.presets import load_preset
 

@@ -193,7 +193,8 @@ def test_every_loss_and_architecture_trains(
     smoke_params: Params, mnist_dir: Path, arch: str, loss: str, d_steps: int
 ) -> None:
     """Two steps of each combination: finite metrics, and both nets moved."""
-    from pipeline.data import load_split, make_dataset
+    from pipeline.dataset import make_dataset
+    from pipeline.mnist import load_split
     from pipeline.train import GAN
 
     params = smoke_params.model_copy(
