@@ -103,6 +103,9 @@ with urllib.request.urlopen(f"{url}/generate?n=16&seed=1", timeout=10) as respon
     png = response.read()
 assert response.headers["Content-Type"] == "image/png" and png.startswith(b"\x89PNG"), png[:8]
 print(f"generate: json {body['shape']}, png {len(png)} bytes")
+with urllib.request.urlopen(f"{url}/", timeout=10) as response:  # the digits page
+    page = response.read()
+assert response.headers["Content-Type"].startswith("text/html") and b"app.js" in page, page[:80]
 PY
 user=$("$DOCKER" exec "$name" id -u)
 health=""

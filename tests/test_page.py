@@ -19,6 +19,8 @@ from pipeline.page import PAGE_FILES, WEB_DIR, SiteError, build_site
 from pipeline.page import main as page_main
 from pipeline.serve import Settings, create_app
 
+REPO = Path(__file__).resolve().parent.parent
+
 
 @pytest.fixture(scope="module")
 def client(onnx_generators: dict[str, Path]) -> Iterator[TestClient]:
@@ -135,3 +137,11 @@ def test_make_web_cli_names_the_bad_model(
     stderr = capsys.readouterr().err
     assert "model: model file" in stderr and "nope.onnx not found" in stderr
     assert not (tmp_path / "site").exists()
+
+
+def test_serve_image_carries_the_page() -> None:
+    """The serve image copies files one by one (an allow-list): the page must be on it."""
+    dockerfile = (REPO / "Dockerfile").read_text()
+    allowed = (REPO / ".dockerignore").read_text().splitlines()
+    for path in ["pipeline/page.py", *(f"pipeline/web/{name}" for name in PAGE_FILES)]:
+        assert path in dockerfile and f"!{path}" in allowed, path
