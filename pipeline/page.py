@@ -5,9 +5,10 @@ site that runs the model in the browser.
   once, at start-up, and served from memory with their content type, an ETag (a hash of
   the bytes) and ``Cache-Control: no-cache``: browsers keep a copy and ask with
   ``If-None-Match``, so an upgraded service is seen at once and an unchanged page costs a
-  304. The service's middleware (body and concurrency limits, access log) covers them too.
+  304. The service's middleware covers them as it covers the API: the body limit and the
+  access log (the concurrency limit counts ``/generate`` only).
 - :func:`build_site` (``make web``) writes the same page beside ``generator.onnx``, its
-  metadata as ``metadata.json`` (the body of ``GET /metadata``) and onnxruntime-web's
+  metadata as ``metadata.json`` (what ``GET /metadata`` says of it) and onnxruntime-web's
   WebAssembly runtime from ``node_modules/``: any static host can serve the folder.
 
     python -m pipeline.page --model models/generator.onnx --out web
