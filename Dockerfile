@@ -32,8 +32,8 @@ RUN apt-get update \
 COPY docker/serve_root.py /tmp/serve_root.py
 RUN python3 /tmp/serve_root.py /opt/venv /rootfs
 # The whole package (serve never imports the training modules, whose libraries are not
-# installed here), and the model, baked in; mount another one over /models/generator.onnx to swap
-# it. Readable by the service's user whatever the host's modes (exports are written 0600).
+# installed here) and the model, baked in: mount another one over /models/generator.onnx to
+# swap it. Readable by the service's user whatever the host's modes (exports are 0600).
 COPY pipeline/ /app/pipeline/
 ARG MODEL=models/generator.onnx
 COPY ${MODEL} /models/generator.onnx

@@ -178,7 +178,11 @@ def copy_stdlib(root: Path) -> None:
     def keep(path: str) -> bool:
         return not {"test", "tests", "idle_test"} & set(Path(path).parts)
 
-    with zipfile.PyZipFile(str(dest), "w", compression=zipfile.ZIP_DEFLATED) as archive:
+    # Deflated only where zlib is built into the interpreter (Debian's): an interpreter whose
+    # zlib is itself in lib-dynload (python:3.11-slim) gets a stored zip, still without sources.
+    deflate = "zlib" in sys.builtin_module_names
+    compression = zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED
+    with zipfile.PyZipFile(str(dest), "w", compression=compression) as archive:
         for entry in sorted(stdlib.iterdir()):
             if entry.name in STDLIB_DROP:
                 continue
