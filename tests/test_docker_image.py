@@ -1,7 +1,9 @@
 """The built serve image (the one `make docker-check` tags), where a Docker daemon runs: under
-its size budget, non-root, no shell, no TensorFlow, and the same PNG bytes as this checkout's
-own service answers for the model baked into it. Skipped, with the reason, where no daemon is
-reachable or the image was never built (building it takes minutes: `make docker-check`)."""
+its size budget, non-root, no shell, no TensorFlow, and answering with the same PNG and JSON
+bytes as this checkout's own service, for the model baked into it. Skipped, with the reason,
+where no daemon is reachable or the image was never built (that takes minutes: `make
+docker-check`). It checks the image as last built: rerun `make docker-check` after changing
+what goes in."""
 
 import json
 import re
@@ -41,7 +43,10 @@ def image() -> dict:
     try:
         docker("info", timeout=20)
     except (RuntimeError, subprocess.TimeoutExpired) as error:
-        pytest.skip(f"no Docker daemon reachable (make docker-check starts one, as root): {error}")
+        last_line = str(error).strip().splitlines()[-1]  # `docker info` prints the client first
+        pytest.skip(
+            f"no Docker daemon reachable (make docker-check starts one, as root): {last_line}"
+        )
     try:
         (config,) = json.loads(docker("image", "inspect", IMAGE))
     except RuntimeError:
