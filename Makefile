@@ -83,8 +83,8 @@ $(ORT_WEB): package-lock.json
 	npm ci --ignore-scripts --no-audit --no-fund
 	touch $@
 
-# Builds the serve image for real (Docker daemon, debootstrap base image), runs it and
-# calls it on loopback. Needs root; see docker/check.sh.
+# Builds the serve image for real (Docker daemon, debootstrap base image), runs it, calls it
+# on loopback and prints its size (fails at >= 150 MB). Needs root; see docker/check.sh.
 docker-check: requirements/serve.txt
 	bash docker/check.sh
 
