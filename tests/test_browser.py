@@ -309,14 +309,21 @@ def test_a_refusal_of_the_service_is_shown_in_words(service: str, open_page) -> 
     assert page.is_hidden("#message") and page.input_value("#seed") == "12"
 
 
-def test_service_without_a_model_says_why(browser: Any, open_page, tmp_path: Path) -> None:
+def test_a_service_without_a_model_or_gone_is_named(
+    open_page, onnx_generators: dict[str, Path], tmp_path: Path
+) -> None:
     # GET /metadata answers JSON (503): API mode, not a fall-back to a static model.
-    app = create_app(Settings(model=tmp_path / "missing.onnx"))
-    with serve_in_thread(app) as url:
+    with serve_in_thread(create_app(Settings(model=tmp_path / "missing.onnx"))) as url:
         page = open_page(url, None)
         message = page.wait_for_selector("#message:not([hidden])").text_content()
     assert "HTTP 503" in message and "missing.onnx not found" in message, message
     assert page.text_content("#mode") == "Not connected."
+    # The service stops while the page is open: the next click says so.
+    with serve_in_thread(create_app(Settings(model=onnx_generators["conditional"]))) as url:
+        page = open_page(f"{url}#seed=1", "1/null")
+    page.click("#new")
+    message = page.wait_for_selector("#message:not([hidden])").text_content()
+    assert message.startswith("Could not reach the service"), message
 
 
 # --------------------------------------------------------------------------- static mode

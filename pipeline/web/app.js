@@ -54,6 +54,15 @@ async function describe(response) {
   return `The service refused the request (HTTP ${response.status}): ${text}.${retry}`;
 }
 
+/** fetch, with a network failure (service stopped, connection lost) told in words. */
+async function reach(url, options) {
+  try {
+    return await fetch(url, options);
+  } catch (error) {
+    throw new ProblemError(`Could not reach the service (${error.message}); is it still running?`);
+  }
+}
+
 /** API mode: the service draws; the page only shows. */
 class ServiceBackend {
   constructor(meta) {
@@ -67,7 +76,7 @@ class ServiceBackend {
       for (let i = 0; i < n; i++) rows.push(Array.from(z.subarray(i * this.meta.latent_dim, (i + 1) * this.meta.latent_dim)));
       const body = { z: rows, format: "json", dtype: "uint8" };
       if (digit !== null) body.digit = digit;
-      response = await fetch("generate", {
+      response = await reach("generate", {
         method: "POST",
         headers: { "Content-Type": "application/json" },
         body: JSON.stringify(body),
@@ -76,7 +85,7 @@ class ServiceBackend {
       // The seed goes as typed: the service is the one judge of what it accepts.
       const query = new URLSearchParams({ n, seed, format: "json", dtype: "uint8" });
       if (digit !== null) query.set("digit", digit);
-      response = await fetch(`generate?${query}`);
+      response = await reach(`generate?${query}`);
     }
     if (!response.ok) throw new ProblemError(await describe(response));
     const body = await response.json();
