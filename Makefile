@@ -30,6 +30,7 @@ repro: setup
 test: setup
 	ruff check .
 	ruff format --check .
+	mypy
 	pytest
 
 # One preset = one ordinary DVC experiment (listed by `dvc exp show` and in MLflow):
@@ -55,7 +56,7 @@ report: setup
 	@echo "Compare runs: dvc exp show; dvc plots diff <exp> <exp>; mlflow ui --backend-store-uri sqlite:///mlflow.db"
 
 lint: setup
-	ruff check . && ruff format --check .
+	ruff check . && ruff format --check . && mypy
 
 lock: $(UV)
 	$(UV) lock
