@@ -49,7 +49,8 @@ from pathlib import Path
 
 from pipeline.export import export_model
 from pipeline.models import build_generator
-from pipeline.params import apply_overrides, load_preset, parse_params
+from pipeline.params import apply_overrides, parse_params
+from pipeline.presets import load_preset
 import yaml
 
 raw = yaml.safe_load(Path("params.yaml").read_text())
