@@ -24,6 +24,7 @@ import keras
 import numpy as np
 
 from pipeline.export import export_model
+from pipeline.images import cycle_labels
 from pipeline.inference import Generator
 from pipeline.models import build_generator
 from pipeline.params import load_params
@@ -73,7 +74,7 @@ def main() -> None:
         rows = []
         for n in BATCHES:
             z = one_thread.sample_noise(n, seed=0)
-            labels = (np.arange(n) % 10).astype(np.int32)
+            labels = cycle_labels(n).astype(np.int32)
             inputs = [z, labels] if params.model.conditional else z
             rows.append(
                 (

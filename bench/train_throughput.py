@@ -19,10 +19,13 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from pipeline.data import load_split, make_dataset, scale_images
+from pipeline.dataset import make_dataset
+from pipeline.gan import GAN
+from pipeline.images import from_uint8
+from pipeline.mnist import load_split
 from pipeline.models import build_discriminator, build_generator
-from pipeline.params import Params, load_params, load_preset
-from pipeline.train import GAN
+from pipeline.params import Params, load_params
+from pipeline.presets import load_preset
 
 PRESET = "seed001"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -104,12 +107,12 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=REPO_ROOT / "data")
     parser.add_argument("--xla", action="store_true", help="also time jit_compile=True")
     args = parser.parse_args()
-    tf.config.experimental.enable_op_determinism()  # as pipeline.train does on CPU
+    tf.config.experimental.enable_op_determinism()  # as pipeline.gan.configure_devices does on CPU
     keras.utils.set_random_seed(0)
     images, labels = load_split(args.data, "train")
     params = seed001_params()
     rows = [("plain per-batch loop (tf.function step)", images_per_s(
-        plain_loop(params, tf.constant(scale_images(images, params.model.output))), args.epochs
+        plain_loop(params, tf.constant(from_uint8(images, params.model.output))), args.epochs
     ))]  # fmt: skip
     rows.append(("epoch in one tf.function (this trainer)", images_per_s(
         epoch_in_graph(params, images, labels), args.epochs

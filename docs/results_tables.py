@@ -25,7 +25,8 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from pipeline.params import load_params, load_preset, preset_names
+from pipeline.params import load_params
+from pipeline.presets import load_preset, preset_names
 
 PICTURES = {"samples": "plots/samples.png", "curves": "plots/training_curves.png"}
 # (metric, label, format): the evaluate stage's figures, each beside the real-data floor.

@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.data import load_split, scale_images
 from pipeline.files import atomic_path, write_json
+from pipeline.images import NUM_CLASSES, SHAPE, from_uint8
+from pipeline.mnist import load_split
 from pipeline.params import ClassifierParams
 
 if TYPE_CHECKING:  # TensorFlow is imported lazily so that importing this module stays cheap.
@@ -32,7 +33,6 @@ if TYPE_CHECKING:  # TensorFlow is imported lazily so that importing this module
 
 log = logging.getLogger(__name__)
 
-NUM_CLASSES = 10
 FEATURES_LAYER = "features"
 
 
@@ -62,7 +62,7 @@ class RealReference:
             "train_probs": self.train.probs,
         }
         with atomic_path(path) as tmp:
-            np.savez_compressed(tmp, **arrays)
+            np.savez_compressed(tmp, allow_pickle=False, **arrays)
 
     @classmethod
     def load(cls, path: Path) -> RealReference:
@@ -104,7 +104,7 @@ def build_classifier() -> keras.Model:
     import keras
     from keras import layers
 
-    inputs = keras.Input((28, 28, 1), name="image")
+    inputs = keras.Input(SHAPE, name="image")
     x = layers.Conv2D(32, 3, activation="relu")(inputs)
     x = layers.MaxPooling2D()(x)
     x = layers.Conv2D(64, 3, activation="relu")(x)
@@ -144,9 +144,9 @@ def train_classifier(data_dir: Path, params: ClassifierParams) -> TrainedClassif
 
     train_images, train_labels = load_split(data_dir, "train")
     test_images, test_labels = load_split(data_dir, "test")
-    x_train = scale_images(train_images[: params.limit], "sigmoid")
+    x_train = from_uint8(train_images[: params.limit], "sigmoid")
     y_train = train_labels[: params.limit].astype(np.int32)
-    x_test = scale_images(test_images, "sigmoid")
+    x_test = from_uint8(test_images, "sigmoid")
 
     model = build_classifier()
     # Cosine decay to zero over the run: four epochs reach 99.2% test accuracy, where a
@@ -187,6 +187,6 @@ def train_classifier(data_dir: Path, params: ClassifierParams) -> TrainedClassif
     chosen = np.random.default_rng(params.seed).choice(
         len(train_images), size=len(test_images), replace=False
     )
-    train = embed(model, scale_images(train_images[np.sort(chosen)], "sigmoid"), 1000)
+    train = embed(model, from_uint8(train_images[np.sort(chosen)], "sigmoid"), 1000)
     reference = RealReference(test, test_labels, train)
     return TrainedClassifier(model, accuracy, len(x_train), seconds, reference)

@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 
 from pipeline import plots
-from pipeline.classifier import NUM_CLASSES, RealReference, embed
+from pipeline.classifier import RealReference, embed
 from pipeline.files import atomic_path, write_json
+from pipeline.images import cycle_labels, sample_latents, to_unit
 from pipeline.metrics import class_shares, compare
 from pipeline.params import EvalParams, ModelParams, flatten
 
@@ -37,25 +38,21 @@ def generate_samples(
     generator: Any, model: ModelParams, num_samples: int, seed: int, batch_size: int
 ) -> Samples:
     """``num_samples`` images from fixed noise, rescaled from the training range to [0, 1]."""
-    from pipeline.models import sample_noise
-
     if len(generator.inputs) != 1 + model.conditional:
         raise ValueError(
             f"model.conditional: got {model.conditional}, but the generator takes "
             f"{len(generator.inputs)} input(s); allowed: the value it was trained with "
             "(retrain with dvc repro)"
         )
-    z = np.asarray(sample_noise(model.noise, (num_samples, model.latent_dim), seed))
+    z = sample_latents(model.noise, num_samples, model.latent_dim, seed)
     # Each digit requested equally often: any imbalance in the histogram is the model's.
-    requested = np.arange(num_samples, dtype=np.int32) % NUM_CLASSES if model.conditional else None
+    requested = cycle_labels(num_samples).astype(np.int32) if model.conditional else None
     batches = []
     for start in range(0, num_samples, batch_size):
         chunk = slice(start, start + batch_size)
         inputs = z[chunk] if requested is None else [z[chunk], requested[chunk]]
         batches.append(np.asarray(generator(inputs, training=False)))
-    images = np.concatenate(batches)[..., 0]
-    if model.output == "tanh":
-        images = (images + 1.0) / 2.0
+    images = to_unit(np.concatenate(batches)[..., 0], model.output)
     return Samples(np.clip(images, 0.0, 1.0).astype(np.float32), requested)
 
 

@@ -25,6 +25,7 @@ import tensorflow as tf
 import tf2onnx
 
 from pipeline.files import atomic_path, write_json
+from pipeline.images import NUM_CLASSES, SIDE, cycle_labels, to_unit
 from pipeline.inference import Generator, ModelError
 from pipeline.params import ModelParams, Params
 from pipeline.stage import UserError
@@ -32,7 +33,6 @@ from pipeline.tracking import open_run
 
 log = logging.getLogger(__name__)
 
-NUM_CLASSES = 10
 PARITY_BATCH = 64
 PARITY_SEED = 0
 BATCH_SIZES_CHECKED = (1, 257)  # one image, and a batch that is no power of two
@@ -51,11 +51,8 @@ def to_onnx(generator: keras.Model, model: ModelParams, opset: int) -> onnx.Mode
     @tf.function(input_signature=signature)
     def serve(z: tf.Tensor, label: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
         inputs = [z, tf.cast(label, tf.int32)] if model.conditional else z
-        image = generator(inputs, training=False)
-        if model.output == "tanh":
-            image = (image + 1.0) * 0.5
         # A dict return names the graph output: `image`, not `Identity:0`.
-        return {"image": image}
+        return {"image": to_unit(generator(inputs, training=False), model.output)}
 
     onnx_model, _ = tf2onnx.convert.from_function(serve, input_signature=signature, opset=opset)
     # tf2onnx names the dynamic batch dimension `unk__N`; `N` reads better in Netron et al.
@@ -80,10 +77,9 @@ def metadata(params: Params, run_id: str) -> dict[str, str]:
 def reference_images(generator: keras.Model, model: ModelParams, z: np.ndarray) -> np.ndarray:
     """What TensorFlow says the exported graph must output for ``z``, in [0, 1]: the same
     digits 0..9 in turn that :meth:`Generator.generate` feeds a conditional model."""
-    labels = (np.arange(len(z)) % NUM_CLASSES).astype(np.int32)
+    labels = cycle_labels(len(z)).astype(np.int32)
     image = generator([z, labels] if model.conditional else z, training=False)
-    image = keras.ops.convert_to_numpy(image).reshape(len(z), 28, 28)
-    return (image + 1.0) * 0.5 if model.output == "tanh" else image
+    return to_unit(keras.ops.convert_to_numpy(image).reshape(len(z), SIDE, SIDE), model.output)
 
 
 def check_export(path: Path, generator: keras.Model, params: Params) -> dict[str, float]:
@@ -135,7 +131,7 @@ def log_to_mlflow(
     example = {"z": generator.sample_noise(2, seed=0)}
     if generator.conditional:
         example["label"] = np.array([0, 1], dtype=np.int64)
-    output = {"image": generator.generate(2, z=example["z"]).reshape(2, 28, 28, 1)}
+    output = {"image": generator.generate(2, z=example["z"])[..., None]}
     signature = mlflow.models.infer_signature(example, output)
     with open_run(run_file):
         mlflow.log_metrics({f"export_{key}": value for key, value in metrics.items()})

@@ -14,6 +14,7 @@ import io
 import logging
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
@@ -42,10 +43,7 @@ def write_samples(
     generator = Generator(model)
     images = generator.generate(n, seed=seed, digit=digit)
     if out.suffix == ".png":
-        # Conditional models cycle through the digits: 10 columns give one digit per column.
-        if cols is None and generator.conditional and digit is None:
-            cols = generator.num_classes
-        data = encode_png(images, cols)
+        data = encode_png(images, cols or generator.columns(n, digit))
     else:
         buffer = io.BytesIO()
         np.save(buffer, images)
@@ -57,7 +55,7 @@ def write_samples(
 
 
 class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse prints the whole usage block by default
+    def error(self, message: str) -> NoReturn:  # argparse prints the whole usage block by default
         self.exit(2, f"error: {message} (see --help)\n")
 
 

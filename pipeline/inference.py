@@ -20,7 +20,7 @@ Typical use::
 from __future__ import annotations
 
 import io
-import math
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,16 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-IMAGE_SIDE = 28
-NOISE_KINDS = ("normal", "uniform")
+from pipeline.images import (
+    NOISE_KINDS,
+    SIDE,
+    grid_columns,
+    labels_for,
+    sample_latents,
+    tile,
+    to_uint8,
+)
+
 # What inference needs; the provenance keys (preset, mlflow_run_id, ...) are informational.
 REQUIRED_METADATA = ("latent_dim", "noise", "num_classes")
 
@@ -140,12 +148,15 @@ class Generator:
         return latent_dim, noise, num_classes
 
     def sample_noise(self, n: int, seed: int | None = None) -> np.ndarray:
-        """The noise the model was trained on, reproducible from ``seed``."""
-        rng = np.random.default_rng(seed)
-        shape = (n, self.latent_dim)
-        if self.noise == "normal":
-            return rng.standard_normal(shape, dtype=np.float32)
-        return rng.uniform(-1.0, 1.0, shape).astype(np.float32)
+        """The noise the model was trained on: :func:`pipeline.images.sample_latents`, so a
+        seed draws the same latents here as in evaluate, the service and the browser."""
+        seed = secrets.randbits(53) if seed is None else seed
+        return sample_latents(self.noise, n, self.latent_dim, seed)
+
+    def columns(self, n: int, digit: int | None) -> int:
+        """Grid columns for ``n`` images: one digit per column when the labels cycle."""
+        cycling = self.conditional and digit is None
+        return grid_columns(n, cycling, self.num_classes)
 
     def generate(
         self,
@@ -172,14 +183,13 @@ class Generator:
                 raise InputError("digit", digit, f"an integer from 0 to {self.num_classes - 1}")
         feeds = {"z": self._check_z(z, n) if z is not None else self.sample_noise(n, seed)}
         if self.conditional:
-            labels = np.arange(n) % self.num_classes if digit is None else np.full(n, digit)
-            feeds["label"] = labels.astype(np.int64)
+            feeds["label"] = labels_for(n, digit, self.num_classes)
         try:
             (image,) = self._session.run(["image"], feeds)
         except Exception as exc:  # inputs are valid by now: the graph itself is broken
             raise ModelError(f"model file {self.path} failed to run ({_first_line(exc)})") from exc
         # The graph's scaling keeps values in [0, 1] up to float rounding; clip the rounding.
-        return np.clip(image.reshape(n, IMAGE_SIDE, IMAGE_SIDE), 0.0, 1.0)
+        return np.clip(image.reshape(n, SIDE, SIDE), 0.0, 1.0)
 
     def _check_z(self, z: Any, n: int) -> np.ndarray:
         allowed = f"a finite float array of shape [{n}, {self.latent_dim}]"
@@ -190,27 +200,17 @@ class Generator:
         return z.astype(np.float32, copy=False)
 
 
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """[0, 1] floats to 0..255 bytes (rounded, not truncated, so 1.0 maps to 255)."""
-    return np.rint(np.clip(images, 0.0, 1.0) * 255).astype(np.uint8)
-
-
 def make_grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:
     """Tile [n, 28, 28] images (float in [0, 1] or uint8) row by row into one uint8 image;
     empty cells of the last row stay black. Default: as square as possible."""
     images = np.asarray(images)
     if images.ndim != 3 or images.shape[0] < 1:
         raise InputError("images", images, "an array of shape [n >= 1, height, width]")
-    n, height, width = images.shape
-    cols = math.ceil(math.sqrt(n)) if cols is None else cols
+    cols = grid_columns(len(images), cycling=False) if cols is None else cols
     if not _is_int(cols) or cols < 1:
         raise InputError("cols", cols, "an integer >= 1")
-    cols = min(cols, n)
-    rows = math.ceil(n / cols)
     tiles = images if images.dtype == np.uint8 else to_uint8(images)
-    grid = np.zeros((rows * cols, height, width), dtype=np.uint8)
-    grid[:n] = tiles
-    return grid.reshape(rows, cols, height, width).swapaxes(1, 2).reshape(rows * height, -1)
+    return tile(tiles, min(cols, len(images)))
 
 
 def encode_png(images: np.ndarray, cols: int | None = None) -> bytes:

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-NUM_CLASSES = 10
+from pipeline.images import NUM_CLASSES
+
 # A digit counts as present when it makes up at least a tenth of its fair share: a few stray
 # samples the classifier happens to call a "1" are noise, not a mode the generator covers.
 PRESENT_FRACTION_OF_UNIFORM = 0.1

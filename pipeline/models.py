@@ -16,11 +16,10 @@ import keras
 import tensorflow as tf
 from keras import layers
 
+from pipeline.images import NUM_CLASSES, SHAPE
 from pipeline.params import ModelParams
 
-NUM_CLASSES = 10
 EMBED_DIM = 50  # size of the learned label code fed to both nets when conditional
-IMAGE_SHAPE = (28, 28, 1)
 
 
 def _kernel_init(model: ModelParams) -> keras.initializers.Initializer:
@@ -44,7 +43,7 @@ def _mlp_generator(model: ModelParams, x: keras.KerasTensor) -> keras.KerasTenso
     for units in model.g_hidden:
         x = layers.Dense(units, kernel_initializer=_kernel_init(model))(x)
         x = _activation(model)(x)
-    return layers.Dense(28 * 28, kernel_initializer=_kernel_init(model))(x)
+    return layers.Dense(SHAPE[0] * SHAPE[1], kernel_initializer=_kernel_init(model))(x)
 
 
 def _dcgan_generator(x: keras.KerasTensor) -> keras.KerasTensor:
@@ -66,7 +65,7 @@ def build_generator(model: ModelParams) -> keras.Model:
         label, code = _label_input()
         inputs, x = [z, label], layers.Concatenate()([z, code])
     x = _mlp_generator(model, x) if model.arch == "mlp" else _dcgan_generator(x)
-    x = layers.Reshape(IMAGE_SHAPE)(x)
+    x = layers.Reshape(SHAPE)(x)
     # float32 even under mixed precision: images leave the net in full precision.
     image = layers.Activation(model.output, dtype="float32", name="image")(x)
     return keras.Model(inputs if model.conditional else z, image, name="generator")
@@ -90,7 +89,7 @@ def _dcgan_discriminator(x: keras.KerasTensor) -> keras.KerasTensor:
 
 def build_discriminator(model: ModelParams) -> keras.Model:
     """Images [N, 28, 28, 1] (+ ``label`` int32 [N]) -> logits [N, 1]."""
-    image = keras.Input(shape=IMAGE_SHAPE, name="image")
+    image = keras.Input(shape=SHAPE, name="image")
     inputs, x = [image], image
     if model.conditional:
         label, code = _label_input()
@@ -98,7 +97,7 @@ def build_discriminator(model: ModelParams) -> keras.Model:
         if model.arch == "mlp":
             x = layers.Concatenate()([layers.Flatten()(image), code])
         else:  # the label becomes an extra image channel, as in conditional DCGANs
-            plane = layers.Reshape(IMAGE_SHAPE)(layers.Dense(28 * 28)(code))
+            plane = layers.Reshape(SHAPE)(layers.Dense(SHAPE[0] * SHAPE[1])(code))
             x = layers.Concatenate()([image, plane])
     elif model.arch == "mlp":
         x = layers.Flatten()(image)
@@ -108,20 +107,12 @@ def build_discriminator(model: ModelParams) -> keras.Model:
     return keras.Model(inputs if model.conditional else image, logits, name="discriminator")
 
 
-def sample_noise(
-    kind: str, shape: tuple[int, ...] | tf.Tensor, generator_or_seed: tf.random.Generator | int
-) -> tf.Tensor:
-    """Latent noise: ``normal`` N(0, 1) or ``uniform`` in [-1, 1]. A ``tf.random.Generator``
-    gives the training stream (its state is checkpointed); an int seed gives a fixed,
-    stateless draw (the sample grids)."""
-    if kind not in ("normal", "uniform"):
-        raise ValueError(f"model.noise: got {kind!r}; allowed: ['normal', 'uniform']")
-    if isinstance(generator_or_seed, tf.random.Generator):
-        rng = generator_or_seed
-        if kind == "normal":
-            return rng.normal(shape)
-        return rng.uniform(shape, minval=-1.0, maxval=1.0)
-    seed = tf.constant([generator_or_seed, 0], dtype=tf.int64)
+def sample_noise(kind: str, shape: tf.Tensor | list, rng: tf.random.Generator) -> tf.Tensor:
+    """The training stream of latent noise: ``normal`` N(0, 1) or ``uniform`` in [-1, 1],
+    drawn in the graph from ``rng`` (whose state is checkpointed). Everything outside
+    training draws with :func:`pipeline.images.sample_latents` instead."""
     if kind == "normal":
-        return tf.random.stateless_normal(shape, seed)
-    return tf.random.stateless_uniform(shape, seed, minval=-1.0, maxval=1.0)
+        return rng.normal(shape)
+    if kind == "uniform":
+        return rng.uniform(shape, minval=-1.0, maxval=1.0)
+    raise ValueError(f"model.noise: got {kind!r}; allowed: ['normal', 'uniform']")

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ConfigTypeError
 from pydantic import (
     AnyHttpUrl,
     BaseModel,
@@ -184,7 +186,7 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        lines = [_describe(error) for error in exc.errors()]
+        lines = [_describe(dict(error)) for error in exc.errors()]
         raise ParamsError(f"{source} is invalid:\n  " + "\n  ".join(lines)) from None
 
 
@@ -203,82 +205,19 @@ def load_params(
     return parse_params(raw, source or str(path))
 
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
-
-
-def preset_names() -> list[str]:
-    return sorted(path.stem for path in PRESETS_DIR.glob("*.yaml"))
-
-
-def load_preset(name: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
-    """A preset is a flat ``{"train.lr_g": 0.001, ...}`` mapping of overrides: exactly what
-    ``dvc exp run -S`` takes, so a preset run is an ordinary DVC experiment. A variant names
-    its ``base`` preset and lists only what it changes, so the difference is all it says."""
-    path = PRESETS_DIR / f"{name}.yaml"
-    if not path.is_file():
-        raise ParamsError(f"preset: got {name!r}; allowed: {preset_names()}")
-    if name in _seen:
-        raise ParamsError(f"base: preset {name!r} is its own base ({' -> '.join(_seen)})")
-    with path.open() as handle:
-        overrides = yaml.safe_load(handle) or {}
-    base = overrides.pop("base", None)
-    return {**load_preset(base, (*_seen, name)), **overrides} if base else overrides
-
-
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """A copy of the nested ``raw`` params with dotted ``overrides`` set."""
-    result = json.loads(json.dumps(raw))
+    """A copy of the nested ``raw`` params with dotted ``overrides`` set (OmegaConf in struct
+    mode: a key that params.yaml lacks is an error, not a silent addition)."""
+    config = OmegaConf.create(raw)
+    OmegaConf.set_struct(config, True)
     for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        node = result
-        for key in parents:
-            if not isinstance(node.get(key), dict):
-                raise ParamsError(f"{dotted}: no such section {key!r} in params.yaml")
-            node = node[key]
-        if leaf not in node:
-            raise ParamsError(f"{dotted}: unknown key; check the spelling")
-        node[leaf] = value
-    return result
-
-
-def parse_assignments(pairs: list[str]) -> dict[str, Any]:
-    """``["train.epochs=300", ...]`` -> ``{"train.epochs": 300}``: values read as YAML, as
-    DVC's ``-S`` reads them."""
-    overrides: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ParamsError(f"override: got {pair!r}; expected KEY=VALUE, e.g. train.epochs=300")
-        overrides[key] = yaml.safe_load(value)
-    return overrides
-
-
-def exp_run_args(
-    name: str, base: str | Path = "params.yaml", extra: dict[str, Any] | None = None
-) -> list[str]:
-    """The ``dvc exp run`` arguments (``-S key=value`` each) that run preset ``name`` with
-    ``extra`` overrides on top, checked against the schema first. Values are written as
-    JSON, which DVC's (Hydra) override parser reads back as the same numbers, lists,
-    strings and nulls."""
-    overrides = {**load_preset(name), **(extra or {})}
-    load_params(base, overrides, f"preset {name}")
-    args: list[str] = []
-    for key, value in overrides.items():
-        plain = isinstance(value, str) and yaml.safe_load(value) == value
-        args += ["-S", f"{key}={value if plain else json.dumps(value)}"]
-    return args
-
-
-if __name__ == "__main__":  # `python -m pipeline.params exp-args seed001` (used by `make exp`)
-    import shlex
-    import sys
-
-    if len(sys.argv) < 3 or sys.argv[1] != "exp-args":
-        sys.exit(
-            "usage: python -m pipeline.params exp-args PRESET [KEY=VALUE ...]  "
-            f"(presets: {preset_names()})"
-        )
-    try:
-        print(shlex.join(exp_run_args(sys.argv[2], extra=parse_assignments(sys.argv[3:]))))
-    except ParamsError as exc:
-        sys.exit(str(exc))
+        try:
+            OmegaConf.update(config, dotted, value, merge=False)
+        except (ConfigAttributeError, ConfigKeyError, ConfigTypeError):
+            section = dotted.rpartition(".")[0]
+            if section and not isinstance(OmegaConf.select(config, section), DictConfig):
+                raise ParamsError(f"{dotted}: no such section {section!r} in params.yaml") from None
+            raise ParamsError(f"{dotted}: unknown key; check the spelling") from None
+    result = OmegaConf.to_container(config)
+    assert isinstance(result, dict)
+    return {str(key): value for key, value in result.items()}

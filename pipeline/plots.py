@@ -17,6 +17,7 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.files import atomic_path
+from pipeline.images import NUM_CLASSES, tile
 
 DPI = 100
 FIGSIZE = {
@@ -80,16 +81,8 @@ def plot_training_curves(history: dict[str, np.ndarray], path: Path) -> Path:
 
 
 def mosaic(images: np.ndarray, cols: int, pad: int = 2) -> np.ndarray:
-    """[N, 28, 28] in [0, 1] -> one [H, W] image, ``cols`` per row, ``pad`` pixels between;
-    missing cells stay blank."""
-    rows = -(-len(images) // cols)
-    height, width = images.shape[1:3]
-    canvas = np.ones((rows * (height + pad) + pad, cols * (width + pad) + pad), np.float32)
-    for index, image in enumerate(images):
-        row, col = divmod(index, cols)
-        top, left = pad + row * (height + pad), pad + col * (width + pad)
-        canvas[top : top + height, left : left + width] = image
-    return canvas
+    """[N, 28, 28] in [0, 1] -> one white canvas, ``cols`` per row, ``pad`` pixels between."""
+    return tile(np.asarray(images, np.float32), cols, pad=pad, fill=1.0)
 
 
 def _show(axes, canvas: np.ndarray) -> None:
@@ -115,16 +108,16 @@ def plot_digits(
     generator rarely makes leave grey empty cells and their count beside the row: the
     point of the figure is to make a missing mode obvious."""
     height = images.shape[1]
-    cells = np.full((10 * per_digit, *images.shape[1:3]), EMPTY_CELL, np.float32)
+    cells = np.full((NUM_CLASSES * per_digit, *images.shape[1:3]), EMPTY_CELL, np.float32)
     found = []
-    for digit in range(10):
+    for digit in range(NUM_CLASSES):
         chosen = images[labels == digit][:per_digit]
         cells[digit * per_digit : digit * per_digit + len(chosen)] = chosen
         found.append(len(chosen))
     figure = Figure(figsize=FIGSIZE["digits"], layout="constrained")
     axes = figure.subplots()
     _show(axes, mosaic(cells, cols=per_digit))
-    centres = [2 + digit * (height + 2) + height / 2 for digit in range(10)]
+    centres = [2 + digit * (height + 2) + height / 2 for digit in range(NUM_CLASSES)]
     axes.set_yticks(
         centres, [f"{d}" if n == per_digit else f"{d} ({n})" for d, n in enumerate(found)]
     )
@@ -154,16 +147,6 @@ def plot_class_histogram(generated: np.ndarray, real: np.ndarray, path: Path, ti
     return _save(figure, path)
 
 
-def _with_gaps(grid: Image.Image, side: int = 28) -> Image.Image:
-    """Training writes its grids edge to edge; white gaps make the digits readable."""
-    if grid.width % side or grid.height % side:
-        return grid
-    rows, cols = grid.height // side, grid.width // side
-    pixels = np.asarray(grid, np.float32) / 255.0
-    tiles = pixels.reshape(rows, side, cols, side).transpose(0, 2, 1, 3).reshape(-1, side, side)
-    return Image.fromarray((mosaic(tiles, cols) * 255).round().astype(np.uint8))
-
-
 def step_files(samples_dir: Path) -> list[tuple[int, Path]]:
     """The fixed-noise grids training wrote, ``(step, path)`` in step order."""
     found = [(STEP_FILE.fullmatch(p.name), p) for p in samples_dir.glob("step_*.png")]
@@ -180,10 +163,10 @@ def training_gif(
     font = ImageFont.load_default(size=16)
     frames = []
     for step, source in steps:
-        with Image.open(source) as grid:
-            grid = _with_gaps(grid.convert("L"))
-            scale = max(1, -(-GIF_MIN_WIDTH // grid.width))
-            grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+        with Image.open(source) as image:
+            scale = max(1, -(-GIF_MIN_WIDTH // image.width))
+            size = (image.width * scale, image.height * scale)
+            grid = image.convert("L").resize(size, Image.Resampling.NEAREST)
         frame = Image.new("L", (grid.width, grid.height + GIF_CAPTION_HEIGHT), color=255)
         frame.paste(grid, (0, GIF_CAPTION_HEIGHT))
         caption = f"step {step:,}"

@@ -5,19 +5,23 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.data import download_mnist
+from pipeline.download import download_mnist
 from pipeline.params import load_params
 from pipeline.stage import run
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--out", type=Path, default=Path("data"))
-    parser.add_argument("--partial-dir", type=Path, default=Path(".cache/downloads"))
+    parser.add_argument("--params", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="folder for the four .gz files")
+    parser.add_argument(
+        "--partial-dir", type=Path, required=True, help="where downloads resume (outside --out)"
+    )
     args = parser.parse_args()
     data = load_params(args.params).data
-    download_mnist(args.out, data.mirrors, args.partial_dir, data.timeout_s, data.retries)
+    download_mnist(
+        args.out, [str(url) for url in data.mirrors], args.partial_dir, data.timeout_s, data.retries
+    )
 
 
 if __name__ == "__main__":

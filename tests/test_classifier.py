@@ -19,8 +19,8 @@ from pipeline.classifier import (
     embed,
     train_classifier,
 )
-from pipeline.data import load_split
 from pipeline.metrics import classifier_score
+from pipeline.mnist import load_split
 from pipeline.params import ClassifierParams
 
 REPO = Path(__file__).resolve().parent.parent

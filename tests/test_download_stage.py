@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data import FILES, verify_gz
+from pipeline.mnist import FILES, verify_gz
 
 from conftest import Dvc, MirrorServer
 

@@ -118,3 +118,14 @@ def test_smoke_pipeline_reports_every_metric_into_the_training_run(
         params_file.write_text(committed)  # the shared run stays as committed
     assert "evaluate:" in status
     assert "train:" not in status and "classifier:" not in status
+
+    # Editing the downloader (a retry, a log line) changes no stage that does not run it.
+    downloader = repo_copy / "pipeline" / "download.py"
+    source = downloader.read_text()
+    downloader.write_text(source + "\n# an edit\n")
+    try:
+        status = dvc(repo_copy, "status", env=env).stdout
+    finally:
+        downloader.write_text(source)  # the shared run stays as committed
+    assert "download:" in status
+    assert "train:" not in status and "classifier:" not in status

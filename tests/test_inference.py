@@ -210,7 +210,7 @@ def test_wrong_contract(tmp_path: Path, metadata: dict, model_kwargs: dict, prob
 
 def test_inference_path_never_imports_tensorflow() -> None:
     code = (
-        "import sys, pipeline.inference, pipeline.generate\n"
+        "import sys, pipeline.inference, pipeline.generate, pipeline.serve\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
         "('tensorflow', 'keras', 'tf2onnx', 'mlflow'))\n"
         "assert not heavy, heavy\n"

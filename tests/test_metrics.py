@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from pipeline.data import load_split
 from pipeline.metrics import (
     class_shares,
     classifier_score,
@@ -18,6 +17,7 @@ from pipeline.metrics import (
     knn_radii,
     precision_recall,
 )
+from pipeline.mnist import load_split
 
 
 def one_hot(labels: np.ndarray, num_classes: int = 10) -> np.ndarray:

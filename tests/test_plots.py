@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.images import tile
 from pipeline.plots import (
     DPI,
     FIGSIZE,
@@ -120,10 +121,11 @@ def test_training_gif(tmp_path: Path) -> None:
     assert shades == [50, 150, 250]
 
 
-def test_gif_puts_gaps_between_the_digits_of_a_training_grid(tmp_path: Path) -> None:
-    # Training writes 2 x 2 grids of 28 px tiles edge to edge (56 px); the GIF re-tiles them
-    # with 2 px gaps (62 px), then upscales 6x to reach 320 px.
-    Image.new("L", (56, 56), color=0).save(tmp_path / "step_0000001.png")
+def test_gif_keeps_the_gaps_of_a_training_grid(tmp_path: Path) -> None:
+    # Training writes 2 x 2 grids of 28 px digits with 2 px white gaps (62 px, as
+    # pipeline.train does through images.tile); the GIF upscales 6x to reach 320 px.
+    grid = tile(np.zeros((4, 28, 28), np.uint8), cols=2, pad=2, fill=255)
+    Image.fromarray(grid).save(tmp_path / "step_0000001.png")
     with Image.open(training_gif(tmp_path, tmp_path / "t.gif")) as gif:
         assert gif.size == (372, 372 + 28)
         frame = gif.convert("L")

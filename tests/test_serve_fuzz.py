@@ -50,10 +50,6 @@ def test_api_conforms_in_process(onnx_generators: dict[str, Path]) -> None:
 
 
 @pytest.mark.long
-def test_api_conforms_live(
-    request: pytest.FixtureRequest, onnx_generators: dict[str, Path]
-) -> None:
-    if "long" not in request.config.getoption("markexpr"):
-        pytest.skip("1,200 cases against a real server: opt in with -m long")
+def test_api_conforms_live(onnx_generators: dict[str, Path]) -> None:
     with running_server(onnx_generators["conditional"], env_limits=LIMITS) as server:
         fuzz(schemathesis.openapi.from_url(f"{server.url}/openapi.json"), cases=1200)

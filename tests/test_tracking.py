@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.params import exp_run_args
+from pipeline.presets import exp_run_args
 from pipeline.stage import UserError
 from pipeline.tracking import experiment_id, open_run, tracking_uri
 

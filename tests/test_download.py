@@ -1,25 +1,17 @@
-"""IDX reader and the verified, resumable download, against a real loopback HTTP mirror."""
+"""The verified, resumable download against real loopback HTTP mirrors: server errors,
+truncated and stalled bodies, a server that ignores Range, 404s, flipped bytes, every mirror
+failing."""
 
 from __future__ import annotations
 
 import gzip
-import re
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from pipeline.data import (
-    FILES,
-    DownloadError,
-    IdxFormatError,
-    download_file,
-    download_mnist,
-    load_split,
-    parse_idx,
-    scale_images,
-)
+from pipeline.download import DownloadError, download_file, download_mnist
+from pipeline.mnist import FILES
 
 from conftest import MirrorServer
 
@@ -38,58 +30,6 @@ def fetch(spec, tmp_path: Path, mirrors: list[str], timeout: float = 5.0, retrie
 def assert_nothing_partial(tmp_path: Path) -> None:
     assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
     assert not (tmp_path / "partial").exists() or not any((tmp_path / "partial").iterdir())
-
-
-# --------------------------------------------------------------------------- IDX reader
-
-
-def test_reads_real_mnist(mnist_dir: Path) -> None:
-    images, labels = load_split(mnist_dir, "train")
-    assert images.shape == (60000, 28, 28) and images.dtype == np.uint8
-    assert labels.shape == (60000,) and set(np.unique(labels)) == set(range(10))
-    test_images, _ = load_split(mnist_dir, "test")
-    assert test_images.shape == (10000, 28, 28)
-
-
-def idx_bytes(magic: int, dims: list[int], payload: bytes) -> bytes:
-    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in dims)
-    return header + payload
-
-
-def test_parses_a_small_valid_file() -> None:
-    array = parse_idx(idx_bytes(0x0803, [2, 2, 3], bytes(range(12))))
-    assert array.shape == (2, 2, 3) and array[1, 1, 2] == 11
-
-
-@pytest.mark.parametrize(
-    ("raw", "message"),
-    [
-        (b"\x00\x00", "too short"),
-        (idx_bytes(0x0D03, [1, 1, 1], b"\x00"), "bad IDX magic"),  # float data, not uint8
-        (idx_bytes(0x0800, [], b"\x00" * 4), "header of 0 dimensions"),
-        (idx_bytes(0x0803, [2], b""), "3 dimensions truncated at 8 bytes"),
-        (idx_bytes(0x0802, [2, 2], b"\x00"), "shape (2, 2)"),  # header promises more bytes
-        (idx_bytes(0x0802, [1, 1], b"\x00\x00"), "but 2 bytes follow"),  # trailing garbage
-    ],
-)
-def test_refuses_malformed_headers(raw: bytes, message: str) -> None:
-    with pytest.raises(IdxFormatError, match=re.escape(message)):
-        parse_idx(raw)
-
-
-def test_refuses_a_valid_file_of_the_wrong_kind() -> None:
-    labels = idx_bytes(0x0801, [3], b"\x01\x02\x03")
-    with pytest.raises(IdxFormatError, match="expected magic 2051"):
-        parse_idx(labels, FILES[0])
-
-
-def test_scaling_matches_the_generator_output() -> None:
-    pixels = np.array([[[0, 255]]], dtype=np.uint8)
-    assert scale_images(pixels, "tanh").ravel().tolist() == [-1.0, 1.0]
-    assert scale_images(pixels, "sigmoid").ravel().tolist() == [0.0, 1.0]
-
-
-# --------------------------------------------------------------------------- download
 
 
 def test_downloads_all_four_and_skips_them_next_time(tmp_path: Path, mirror: MirrorServer) -> None:
@@ -115,6 +55,18 @@ def test_resumes_a_truncated_body_with_range(tmp_path: Path, mirror: MirrorServe
     assert first_range is None
     assert second_range is not None and second_range.startswith("bytes=")
     assert int(second_range.removeprefix("bytes=").rstrip("-")) > 0
+
+
+def test_bodies_cut_short_every_time_spend_the_retry_budget(
+    tmp_path: Path, mirror: MirrorServer
+) -> None:
+    """The Range-resume loop shares urllib3's retry budget: bounded, and each try resumes."""
+    mirror.faults[LABELS.gz_name] = [(200, lambda body: body[:1000], 0.0)] * 10
+    with pytest.raises(DownloadError, match=r"ProtocolError: .* \(after 3 attempts\)"):
+        fetch(LABELS, tmp_path, [mirror.url], retries=2)
+    assert len(mirror.requests) == 3
+    assert [ranged for _, ranged in mirror.requests] == [None, "bytes=1000-", "bytes=1000-"]
+    assert_nothing_partial(tmp_path)
 
 
 def test_restarts_when_the_server_ignores_range(tmp_path: Path, mirror: MirrorServer) -> None:
@@ -174,6 +126,7 @@ def test_when_every_mirror_fails_the_error_says_everything(
     assert f"{corrupt.url}: SHA-256 of decompressed content is" in message
     assert f"{flaky.url}: HTTP 503 (after 2 attempts)" in message
     assert str(tmp_path / "nowhere") in message
+    assert "Offline? Set MNIST_MIRROR=" in message  # issue #20: name the way out
     assert_nothing_partial(tmp_path)
 
 

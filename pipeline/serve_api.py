@@ -1,0 +1,202 @@
+"""What the service's API says and does, apart from the routes: the request and response
+models (so the OpenAPI schema states every limit), and the work behind ``/generate``
+(seed, explicit ``z``, PNG or JSON rendering).
+
+Only onnxruntime, numpy and Pillow do the work (via :mod:`pipeline.inference`): no
+TensorFlow import anywhere on this path.
+"""
+
+import json
+import logging
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import anyio.to_thread
+import numpy as np
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.images import to_uint8
+from pipeline.inference import Generator, InputError, ModelError, encode_png
+
+log = logging.getLogger("pipeline.serve")
+
+MAX_SEED = 2**53 - 1  # the largest integer every JSON client (JavaScript too) keeps exact
+MAX_ABS_Z = 100.0  # trained noise is N(0, 1) or U(-1, 1); far larger values only make NaNs
+DEFAULT_N = 16
+# Up to this many images the onnxruntime call plus encoding takes well under a millisecond,
+# less than handing it to a worker thread costs, so it runs inline on the event loop.
+INLINE_MAX_N = 8
+
+# --------------------------------------------------------------------------- schema
+
+Format = Literal["png", "json"]
+DType = Literal["uint8", "float32"]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED, description="same seed, same images")]
+LatentValue = Annotated[float, Field(ge=-MAX_ABS_Z, le=MAX_ABS_Z, allow_inf_nan=False)]
+
+
+class Images(BaseModel):
+    n: int
+    shape: list[int] = Field(description="[n, 28, 28]")
+    dtype: DType
+    seed: int | None = Field(description="the seed used (drawn at random when not given)")
+    digit: int | None
+    images: list[list[list[float]]] = Field(description="pixel rows; uint8 0..255 or [0, 1]")
+
+
+class Problem(BaseModel):
+    detail: str
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    ready: bool
+    reason: str | None = Field(description="why the model is not loaded")
+
+
+class Metadata(BaseModel):
+    latent_dim: int
+    noise: str
+    num_classes: int = Field(description="0 for an unconditional model")
+    conditional: bool
+    max_n: int = Field(description="largest n one request may ask for")
+    metadata: dict[str, str] = Field(description="the ONNX file's metadata_props")
+
+
+def request_models(
+    max_n: int, num_classes: int, latent_dim: int | None
+) -> tuple[type[BaseModel], type[BaseModel]]:
+    """The fields of GET's query and POST's JSON body: the same, plus ``z`` in the body.
+    The limits come from the settings and the loaded model, so the schema states them."""
+    digit_type = Annotated[
+        int,
+        Field(ge=0, le=num_classes - 1, description="class to draw (conditional models only)"),
+    ]
+
+    class Fields(BaseModel):
+        model_config = ConfigDict(extra="forbid")  # a typo (?digt=3) is an error, not ignored
+
+        n: int | None = Field(
+            None, ge=1, le=max_n, description=f"number of images; default {DEFAULT_N}, or len(z)"
+        )
+        seed: Seed | None = None
+        digit: digit_type | None = None
+        format: Format = "png"
+        dtype: DType = Field("uint8", description="pixel type of format=json")
+
+    class GenerateQuery(Fields):
+        n: int = Field(DEFAULT_N, ge=1, le=max_n, description="number of images")
+
+    row = Field(min_length=latent_dim, max_length=latent_dim) if latent_dim else Field()
+
+    class GenerateBody(Fields):
+        # strict: JSON types as declared (no true for 1, no "5" for 5).
+        model_config = ConfigDict(extra="forbid", strict=True)
+
+        z: list[Annotated[list[LatentValue], row]] | None = Field(
+            None,
+            min_length=1,
+            max_length=max_n,
+            description="explicit latent vectors [n, latent_dim] instead of seeded noise",
+        )
+
+    return GenerateQuery, GenerateBody
+
+
+def generate_responses() -> dict[int | str, dict[str, Any]]:
+    return {
+        200: {
+            "model": Images,
+            "description": "a PNG grid (format=png) or the images as JSON arrays",
+            "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+        },
+        400: {"model": Problem, "description": "a body that is not even text (not UTF-8)"},
+        413: {"model": Problem, "description": "request body over MNIST_GAN_MAX_BODY_BYTES"},
+        429: {"model": Problem, "description": "MNIST_GAN_MAX_CONCURRENCY requests in flight"},
+        503: {"model": Problem, "description": "the model is not loaded (see /readyz)"},
+    }
+
+
+# --------------------------------------------------------------------------- the work
+
+
+@dataclass
+class ModelState:
+    generator: Generator | None
+    reason: str | None  # why generator is None
+
+    @classmethod
+    def load(cls, model: Path, max_n: int) -> "ModelState":
+        try:
+            generator = Generator(model, max_n=max_n)
+        except ModelError as error:
+            log.error("model not loaded, serving 503 until restarted: %s", error)
+            return cls(None, str(error))
+        log.info("model loaded", extra={"fields": {"model": str(model), **generator.metadata}})
+        return cls(generator, None)
+
+
+class NotReadyError(Exception):
+    pass
+
+
+class BadInputError(Exception):
+    def __init__(self, where: str, error: InputError) -> None:
+        self.where = where
+        self.error = error
+
+
+def render(
+    generator: Generator,
+    n: int,
+    seed: int,
+    digit: int | None,
+    z: np.ndarray | None,
+    fmt: Format,
+    dtype: DType,
+) -> Response:
+    images = generator.generate(n, seed=seed, digit=digit, z=z)
+    headers = {"X-Seed": str(seed)}
+    if fmt == "png":
+        png = encode_png(images, generator.columns(n, digit))
+        return Response(png, media_type="image/png", headers=headers)
+    pixels = to_uint8(images) if dtype == "uint8" else images
+    body = {
+        "n": n,
+        "shape": list(images.shape),
+        "dtype": dtype,
+        "seed": seed,
+        "digit": digit,
+        "images": pixels.tolist(),
+    }
+    return Response(
+        json.dumps(body, separators=(",", ":")), media_type="application/json", headers=headers
+    )
+
+
+async def generate(state: ModelState, where: str, request: Any) -> Response:
+    """Serves GET (``request`` is the query model) and POST (the body model, maybe with z)."""
+    generator = state.generator
+    if generator is None:
+        raise NotReadyError(state.reason)
+    # An unseeded request is random, but reports the seed it drew so it can be replayed.
+    seed = secrets.randbelow(2**32) if request.seed is None else request.seed
+    n, z, latent = request.n, getattr(request, "z", None), None
+    try:
+        if z is not None:
+            if n is not None and n != len(z):
+                raise InputError("n", n, f"omitted, or len(z) = {len(z)}")
+            n, latent = len(z), np.asarray(z, dtype=np.float32)
+        n = DEFAULT_N if n is None else n
+        work = (generator, n, seed, request.digit, latent, request.format, request.dtype)
+        if n <= INLINE_MAX_N:
+            return render(*work)
+        return await anyio.to_thread.run_sync(render, *work)
+    except InputError as error:
+        raise BadInputError(where, error) from None
