@@ -297,6 +297,7 @@ def train(params: Params, data_dir: Path, models_dir: Path, reports_dir: Path) -
     }
     with (
         tracking.start_run(params.mlflow.experiment, run_name, tags, run_id) as run,
+        tracking.RunLogger(run) as logger,  # per-epoch logging that outlives a server restart
         _stop_signals() as stop,
         tqdm(total=total, initial=start, unit="step", disable=not sys.stderr.isatty()) as bar,
     ):
@@ -325,20 +326,20 @@ def train(params: Params, data_dir: Path, models_dir: Path, reports_dir: Path) -
             if s % per_epoch == 0 or s == total:
                 rows.append(_epoch_row(epoch_sums, s, per_epoch, train_p.batch_size))
                 history.assign(json.dumps(rows))
-                mlflow.log_metrics(
+                logger.log_metrics(
                     {k: rows[-1][k] for k in HISTORY_COLUMNS[2:]}, step=math.ceil(rows[-1]["epoch"])
                 )
                 bar.set_postfix({k: f"{rows[-1][k]:.3f}" for k in METRICS})
             if s % sample_every == 0 or s == total:
                 grid = samples_dir / f"step_{s:07d}.png"
                 _save_grid(gan.sample(fixed_z, fixed_labels), model_p.output, grid)
-                mlflow.log_artifact(str(grid), "samples")
+                logger.log_artifact(grid, "samples")
             if s % checkpoint_every == 0 or s == total or stop:
                 manager.save(checkpoint_number=s)
             if stop:
                 mlflow.end_run("KILLED")
                 raise TrainingInterruptedError(stop[0], s)
-        return _write_outputs(gan, rows, run, samples_dir, models_dir, reports_dir)
+        return _write_outputs(gan, rows, logger, samples_dir, models_dir, reports_dir)
 
 
 def _epoch_row(sums: tf.Variable, step: int, per_epoch: int, batch: int) -> dict[str, float]:
@@ -357,7 +358,7 @@ def _epoch_row(sums: tf.Variable, step: int, per_epoch: int, batch: int) -> dict
 def _write_outputs(
     gan: GAN,
     rows: list[dict[str, float]],
-    run: mlflow.ActiveRun,
+    logger: tracking.RunLogger,
     samples_dir: Path,
     models_dir: Path,
     reports_dir: Path,
@@ -384,7 +385,7 @@ def _write_outputs(
         train_seconds=float(sum(row["epoch_seconds"] for row in rows)),
     )
     write_json(reports_dir / "train.json", metrics)
-    mlflow.log_artifact(str(history_csv))
-    mlflow.log_artifact(str(reports_dir / "train.json"))
-    write_json(models_dir / "mlflow_run.json", tracking.run_info(run))
+    logger.log_artifact(history_csv)
+    logger.log_artifact(reports_dir / "train.json")
+    write_json(models_dir / "mlflow_run.json", tracking.run_info(logger.run))
     return metrics

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline import stage
+from pipeline import stage, tracking
 from pipeline.params import load_params
 
 
@@ -19,6 +19,7 @@ def main() -> None:
     parser.add_argument("--reports", type=Path, default=Path("reports"))
     args = parser.parse_args()
     params = load_params(args.params)  # fail on bad params before paying for TensorFlow
+    tracking.check_server()  # a wrong MLFLOW_TRACKING_URI fails now, not after training
 
     from pipeline.train import TrainingInterruptedError, train
 
