@@ -261,20 +261,24 @@ class RunLogger:
                 if not self._pending:
                     return
                 kind, value = self._pending[0]
+            # Ask /health first: MLflow's own client retries a refused connection for about
+            # four minutes (7 tries, exponential backoff), and would sleep through a restart.
+            if not _healthy(self.uri):
+                self._wait_for_server("no answer on /health")
             try:
                 if kind == "metrics":
                     self._client.log_batch(self.run.info.run_id, metrics=value)
                 else:
                     self._client.log_artifact(self.run.info.run_id, *value)
-            except Exception as exc:  # the server is away: wait for it, keep the entry
-                self._wait_for_server(exc)
+            except Exception as exc:  # it went away mid-request: wait, keep the entry
+                self._wait_for_server(type(exc).__name__)
                 continue
             with self._wake:
                 self._pending.popleft()
                 self._wake.notify_all()
 
-    def _wait_for_server(self, exc: Exception) -> None:
-        log.warning("MLflow server %s unreachable (%s); buffering", self.uri, type(exc).__name__)
+    def _wait_for_server(self, reason: str) -> None:
+        log.warning("MLflow server %s unreachable (%s); buffering", self.uri, reason)
         began = time.monotonic()
         while not _healthy(self.uri):
             time.sleep(1)

@@ -138,7 +138,7 @@ def test_training_outlives_a_server_restart(
 ) -> None:
     """The MLflow server goes away after the first epoch and comes back while the train stage
     runs: training neither dies nor waits, and the run ends FINISHED with every epoch."""
-    epochs = 12
+    epochs = 60  # ~0.2 s each: training outlasts a server restart on a quiet machine
     params = apply_overrides(raw_params, {**load_preset("smoke"), "train.epochs": epochs})
     params["mlflow"]["experiment"] = experiment = f"restart-{time.time_ns()}"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -169,7 +169,7 @@ def test_training_outlives_a_server_restart(
             stage.kill()
     output = log_path.read_text()
     assert stage.returncode == 0, output
-    assert "unreachable (ConnectionError); buffering" in output  # the outage hit a log call
+    assert "unreachable (no answer on /health); buffering" in output  # the outage hit a log call
     assert after_back < 60, after_back
     run_id = json.loads((tmp_path / "models" / "mlflow_run.json").read_text())["run_id"]
     run = client.get_run(run_id)
