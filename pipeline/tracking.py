@@ -147,15 +147,19 @@ def check_server(uri: str | None = None, *, run_file: Path | None = None) -> Non
     ``run_file`` if that exists, else ``$MLFLOW_TRACKING_URI`` or the local default) cannot be
     used: an unknown scheme, a server that refuses the connection or answers with an error
     (403: its ``--allowed-hosts`` lacks this host name). Stages call it before any work."""
+    name = "MLFLOW_TRACKING_URI"  # what the user fixes, named in every message
     if uri is None and run_file is not None and Path(run_file).is_file():
-        uri = json.loads(Path(run_file).read_text())["tracking_uri"]
+        uri, name = (
+            json.loads(Path(run_file).read_text())["tracking_uri"],
+            f"{run_file} tracking_uri",
+        )
     uri = uri or tracking_uri()
     scheme = urlsplit(uri).scheme.split("+")[0]
     if scheme in LOCAL_SCHEMES:
         return
     if scheme not in SERVER_SCHEMES:
         raise UserError(
-            f"MLFLOW_TRACKING_URI: got {uri!r}; use http(s)://HOST:PORT of a tracking server "
+            f"{name}: got {uri!r}; use http(s)://HOST:PORT of a tracking server "
             "(make tracking-server), sqlite:///PATH, or unset it for the local mlflow.db"
         )
     probe = f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1"
@@ -164,17 +168,17 @@ def check_server(uri: str | None = None, *, run_file: Path | None = None) -> Non
     except requests.RequestException as exc:
         reason = type(exc).__name__
         raise UserError(
-            f"MLFLOW_TRACKING_URI: no MLflow server answers at {uri} ({reason}); start one "
+            f"{name}: no MLflow server answers at {uri} ({reason}); start one "
             "(make tracking-server) or unset MLFLOW_TRACKING_URI for the local mlflow.db"
         ) from None
     if response.status_code == 403:
         raise UserError(
-            f"MLFLOW_TRACKING_URI: {uri} answered 403 Forbidden: the server does not allow "
+            f"{name}: {uri} answered 403 Forbidden: the server does not allow "
             f"the host name {urlsplit(uri).hostname!r} (add it to its --allowed-hosts)"
         )
     if response.status_code != 200:
         raise UserError(
-            f"MLFLOW_TRACKING_URI: {uri} answered HTTP {response.status_code} to an MLflow "
+            f"{name}: {uri} answered HTTP {response.status_code} to an MLflow "
             f"API call; is it an MLflow tracking server? ({response.text[:80]!r})"
         )
 
@@ -306,9 +310,20 @@ def _describe(entries: list[tuple[str, Any]]) -> str:
     files = [Path(value[0]).name for kind, value in entries if kind == "artifact"]
     parts = []
     if steps:
-        parts.append(f"metrics of epochs {', '.join(map(str, steps))}")
+        parts.append(f"metrics of epochs {_ranges(steps)}")
     if files:
         parts.append(
             f"{len(files)} artifacts ({', '.join(files[:3])}{', ...' if len(files) > 3 else ''})"
         )
     return " and ".join(parts)
+
+
+def _ranges(numbers: list[int]) -> str:
+    """``[3, 4, 5, 9]`` -> ``"3-5, 9"``."""
+    spans: list[list[int]] = []
+    for number in sorted(numbers):
+        if spans and number == spans[-1][1] + 1:
+            spans[-1][1] = number
+        else:
+            spans.append([number, number])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
