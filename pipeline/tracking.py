@@ -193,14 +193,17 @@ def _healthy(uri: str) -> bool:
 
 
 @contextlib.contextmanager
-def _no_http_retries() -> Iterator[None]:
-    """MLflow's HTTP client retries a refused connection for minutes (7 retries, exponential
-    backoff); for a server already known to be gone, one quick try is enough."""
-    saved = {
-        k: os.environ.get(k)
-        for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+def _http_retries(retries: int, timeout_s: int) -> Iterator[None]:
+    """MLflow's HTTP client retries a refused connection for about four minutes (7 retries,
+    exponential backoff; it reads these variables at every request). Callers that do their
+    own waiting set it to give up fast instead."""
+    wanted = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries),
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s),
     }
-    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
+    saved = {key: os.environ.get(key) for key in wanted}
+    os.environ.update(wanted)
     try:
         yield
     finally:
@@ -213,7 +216,7 @@ def _no_http_retries() -> Iterator[None]:
 
 def end_run_quickly(status: str) -> None:
     """End the active run without waiting out MLflow's retries (the server may be gone)."""
-    with _no_http_retries(), contextlib.suppress(Exception):
+    with _http_retries(0, 5), contextlib.suppress(Exception):
         mlflow.end_run(status)
 
 
@@ -241,6 +244,10 @@ class RunLogger:
         self._thread = threading.Thread(target=self._work, name="mlflow-logger", daemon=True)
 
     def __enter__(self) -> RunLogger:
+        # While it runs, the logger is the process's only MLflow client and does its own
+        # waiting: a request cut by a restart fails in seconds, not after MLflow's retries.
+        self._retries = _http_retries(1, 30)
+        self._retries.__enter__()
         self._thread.start()
         return self
 
@@ -297,6 +304,7 @@ class RunLogger:
             while self._pending and time.monotonic() < deadline:
                 self._wake.wait(timeout=1)
             left = list(self._pending)
+        self._retries.__exit__(None, None, None)
         if left and exc_type is None:
             raise ServerGoneError(
                 f"MLflow server {self.uri} unreachable for over {self.wait_s:.0f} s "

@@ -29,9 +29,8 @@ from pathlib import Path
 PG_BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
 DATABASE = "mlflow"
 DEFAULT_STATE = Path(__file__).resolve().parent.parent / ".tracking"
-HEALTH_WAIT_S = (
-    180  # `mlflow server` answers after 8-25 s on a quiet machine, minutes on a busy one
-)
+# `mlflow server` answers after 8-25 s on a quiet machine, minutes on a busy one
+HEALTH_WAIT_S = 300
 PG_WAIT_S = 60
 
 

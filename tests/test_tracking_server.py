@@ -54,8 +54,8 @@ def server() -> Iterator[TrackingServer]:
     state = Path(tempfile.mkdtemp(prefix="mnist-gan-tracking-"))
     state.chmod(0o755)
     team = TrackingServer(state, port=_free_port(), workers=1)
-    team.start()
     try:
+        team.start()
         yield team
     finally:
         team.stop()
