@@ -271,22 +271,33 @@ class RunLogger:
                     self._wake.wait()
                 if not self._pending:
                     return
-                kind, value = self._pending[0]
-            # Ask /health first: MLflow's own client retries a refused connection for about
-            # four minutes (7 tries, exponential backoff), and would sleep through a restart.
-            if not _healthy(self.uri):
-                self._wait_for_server("no answer on /health")
+                taken = self._next_request()
+                kind, value = taken[0]
             try:
-                if kind == "metrics":
-                    self._client.log_batch(self.run.info.run_id, metrics=value)
+                if kind == "metrics":  # epochs queued during an outage go in one request
+                    metrics = [metric for _, batch in taken for metric in batch]
+                    self._client.log_batch(self.run.info.run_id, metrics=metrics)
                 else:
                     self._client.log_artifact(self.run.info.run_id, *value)
-            except Exception as exc:  # it went away mid-request: wait, keep the entry
+            except Exception as exc:  # the server is away: wait for it, keep the entries
                 self._wait_for_server(type(exc).__name__)
                 continue
             with self._wake:
-                self._pending.popleft()
+                for entry in taken:
+                    self._pending.remove(entry)
                 self._wake.notify_all()
+
+    def _next_request(self) -> list[tuple[str, Any]]:
+        """What to send next: every queued metrics entry in one request (epochs that piled up
+        during an outage; at most MLflow's 1000 metrics), else the oldest artifact."""
+        metrics = [entry for entry in self._pending if entry[0] == "metrics"]
+        taken, count = [], 0
+        for entry in metrics:
+            count += len(entry[1])
+            if taken and count > 1000:
+                break
+            taken.append(entry)
+        return taken or [self._pending[0]]
 
     def _wait_for_server(self, reason: str) -> None:
         log.warning("MLflow server %s unreachable (%s); buffering", self.uri, reason)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -94,7 +95,7 @@ def test_wrong_tracking_uris_fail_first_with_one_line(
     ), result.stderr
     assert "Traceback" not in result.stderr and "training" not in result.stderr
     assert not (tmp_path / "models").exists()
-    assert seconds < 60, seconds  # mlflow's import is most of it; no retries
+    assert seconds < 120, seconds  # ~6 s of CPU (importing mlflow); no retries, no TF
 
     # 127.1 is 127.0.0.1 to the socket, but not a Host name the server allows by default
     forbidden = server.uri.replace("127.0.0.1", "127.1")
@@ -174,7 +175,7 @@ def test_training_outlives_a_server_restart(
             stage.kill()
     output = log_path.read_text()
     assert stage.returncode == 0, output
-    assert "unreachable (no answer on /health); buffering" in output  # the outage hit a log call
+    assert re.search(r"unreachable \(\w+\); buffering", output)  # the outage hit a log call
     assert after_back < 60, after_back
     run_id = json.loads((tmp_path / "models" / "mlflow_run.json").read_text())["run_id"]
     run = client.get_run(run_id)
