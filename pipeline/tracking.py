@@ -164,7 +164,7 @@ def check_server(uri: str | None = None, *, run_file: Path | None = None) -> Non
         )
     probe = f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1"
     try:
-        response = requests.get(probe, timeout=10)
+        response = requests.get(probe, timeout=30)  # a busy server may take a while
     except requests.RequestException as exc:
         reason = type(exc).__name__
         raise UserError(
