@@ -102,3 +102,17 @@ docker-check: requirements/serve.txt
 # The serve image's pinned dependencies, exported from uv.lock.
 requirements/serve.txt: uv.lock | $(UV)
 	$(UV) export --frozen --extra serve --no-dev --no-hashes --no-emit-project -o $@
+
+.PHONY: tracking-server tracking-server-stop
+
+# A team MLflow server: PostgreSQL (unix socket under TRACKING_STATE, no TCP, no password) and
+# `mlflow server` on 127.0.0.1:TRACKING_PORT with artifacts it serves itself. Runs in the
+# foreground (Ctrl-C stops it); it prints the MLFLOW_TRACKING_URI to export. Data persists.
+TRACKING_STATE ?= $(CURDIR)/.tracking
+TRACKING_PORT ?= 5000
+tracking-server: setup
+	bash scripts/install_postgres.sh
+	python -m scripts.tracking_server run --state $(TRACKING_STATE) --port $(TRACKING_PORT)
+
+tracking-server-stop: setup
+	python -m scripts.tracking_server stop --state $(TRACKING_STATE)
