@@ -29,7 +29,7 @@ from pipeline.presets import exp_run_args, load_preset
 from pipeline.stage import UserError
 from scripts.tracking_server import PG_BIN, TrackingServer
 
-from conftest import REPO, Dvc
+from conftest import REPO, Dvc, stage_args
 
 
 def _free_port() -> int:
@@ -82,8 +82,8 @@ def test_wrong_tracking_uris_fail_first_with_one_line(
     closed = f"http://127.0.0.1:{_free_port()}"
     began = time.monotonic()
     result = subprocess.run(
-        [sys.executable, str(REPO / "stages" / "train.py"), "--params", str(REPO / "params.yaml"),
-         "--data", str(tmp_path / "none"), "--models", str(tmp_path / "models")],
+        [sys.executable, "-m", "stages.train",
+         *stage_args("train", tmp_path, params=REPO / "params.yaml", data=tmp_path / "none")],
         env={**_stage_env(server), "MLFLOW_TRACKING_URI": closed},
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
@@ -145,8 +145,8 @@ def test_training_outlives_a_server_restart(
     params["mlflow"]["experiment"] = experiment = f"restart-{time.time_ns()}"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     log_path = tmp_path / "train.log"
-    command = [sys.executable, str(REPO / "stages" / "train.py"), "--params", "params.yaml",
-               "--data", str(mnist_dir)]  # fmt: skip
+    paths = stage_args("train", tmp_path, params=tmp_path / "params.yaml", data=mnist_dir)
+    command = [sys.executable, "-m", "stages.train", *paths]
     with log_path.open("w") as log:
         stage = subprocess.Popen(
             command,
