@@ -1,6 +1,6 @@
 """What the service's API says and does, apart from the routes: the request and response
 models (so the OpenAPI schema states every limit), and the work behind ``/generate``
-(seed, explicit ``z``, PNG or JSON rendering).
+(seed, explicit ``z``, batched or not (:mod:`pipeline.serve_batcher`), PNG or JSON rendering).
 
 Only onnxruntime, numpy and Pillow do the work (via :mod:`pipeline.inference`): no
 TensorFlow import anywhere on this path.
@@ -9,6 +9,7 @@ TensorFlow import anywhere on this path.
 import json
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -20,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.images import to_uint8
 from pipeline.inference import Generator, InputError, ModelError, encode_png
+from pipeline.serve_batcher import Batcher
 
 log = logging.getLogger("pipeline.serve")
 
@@ -119,7 +121,11 @@ def generate_responses() -> dict[int | str, dict[str, Any]]:
         400: {"model": Problem, "description": "a body that is not even text (not UTF-8)"},
         413: {"model": Problem, "description": "request body over MNIST_GAN_MAX_BODY_BYTES"},
         429: {"model": Problem, "description": "MNIST_GAN_MAX_CONCURRENCY requests in flight"},
-        503: {"model": Problem, "description": "the model is not loaded (see /readyz)"},
+        503: {
+            "model": Problem,
+            "description": "the model is not loaded (see /readyz), or the request waited "
+            "over MNIST_GAN_QUEUE_TIMEOUT_MS for its batch (Retry-After)",
+        },
     }
 
 
@@ -161,7 +167,21 @@ def render(
     fmt: Format,
     dtype: DType,
 ) -> Response:
+    """Unbatched: one onnxruntime call for this request alone, then :func:`respond`."""
     images = generator.generate(n, seed=seed, digit=digit, z=z)
+    return respond(generator, images, seed, digit, fmt, dtype)
+
+
+def respond(
+    generator: Generator,
+    images: np.ndarray,
+    seed: int,
+    digit: int | None,
+    fmt: Format,
+    dtype: DType,
+) -> Response:
+    """``images`` (float32 [n, 28, 28]) as a PNG grid or JSON arrays."""
+    n = len(images)
     headers = {"X-Seed": str(seed)}
     if fmt == "png":
         png = encode_png(images, generator.columns(n, digit))
@@ -180,8 +200,11 @@ def render(
     )
 
 
-async def generate(state: ModelState, where: str, request: Any) -> Response:
-    """Serves GET (``request`` is the query model) and POST (the body model, maybe with z)."""
+async def generate(
+    state: ModelState, where: str, request: Any, batcher: Batcher | None = None
+) -> Response:
+    """Serves GET (``request`` is the query model) and POST (the body model, maybe with z);
+    through ``batcher`` when given, so concurrent requests share onnxruntime calls."""
     generator = state.generator
     if generator is None:
         raise NotReadyError(state.reason)
@@ -195,8 +218,32 @@ async def generate(state: ModelState, where: str, request: Any) -> Response:
             n, latent = len(z), np.asarray(z, dtype=np.float32)
         n = DEFAULT_N if n is None else n
         work = (generator, n, seed, request.digit, latent, request.format, request.dtype)
-        if n <= INLINE_MAX_N:
-            return render(*work)
-        return await anyio.to_thread.run_sync(render, *work)
+        if batcher is None:
+            if n <= INLINE_MAX_N:
+                return render(*work)
+            return await anyio.to_thread.run_sync(render, *work)
+        make_feeds, finish = batch_job(*work)
+        return await batcher.generate(n, make_feeds, finish)  # QueueTimeoutError: 503
     except InputError as error:
         raise BadInputError(where, error) from None
+
+
+def batch_job(
+    generator: Generator,
+    n: int,
+    seed: int,
+    digit: int | None,
+    z: np.ndarray | None,
+    fmt: Format,
+    dtype: DType,
+) -> tuple[Callable[[], dict[str, np.ndarray]], Callable[[np.ndarray], Response]]:
+    """A request as the batcher runs it, in its worker thread: this request's own model
+    inputs (the latents its seed or ``z`` stands for, its labels), and its rendering."""
+
+    def make_feeds() -> dict[str, np.ndarray]:
+        return generator.feeds(n, seed=seed, digit=digit, z=z)
+
+    def finish(images: np.ndarray) -> Response:
+        return respond(generator, images, seed, digit, fmt, dtype)
+
+    return make_feeds, finish
