@@ -75,6 +75,7 @@ def create_app(settings: Settings) -> FastAPI:
             max_batch=settings.max_batch,
             delay=settings.batch_delay_ms / 1000,
             max_wait=settings.queue_timeout_ms / 1000,
+            parallel=settings.batch_parallel,
         )
 
     @asynccontextmanager

@@ -4,7 +4,8 @@ Concurrent requests queue a job each; one drain task per event loop waits at mos
 after the oldest queued job for more to arrive (or until ``max_batch`` images are queued),
 then, in ONE worker-thread call for the whole batch: builds each job's inputs (its own
 latents and labels, :meth:`Generator.feeds`), concatenates them, makes ONE onnxruntime call,
-and hands each job its own slice of the output to render (PNG or JSON). Each image depends
+and hands each job its own slice of the output to render (PNG or JSON). Up to ``parallel``
+batches run at once, each in its own thread, while the next one gathers. Each image depends
 only on its own latent and label, so a request gets the same pixels whether it ran alone or
 in a batch.
 
@@ -57,17 +58,26 @@ class Batcher:
     :meth:`Generator.run` calls of at most ``max_batch`` images."""
 
     def __init__(
-        self, generator: Generator, *, max_batch: int, delay: float, max_wait: float
+        self,
+        generator: Generator,
+        *,
+        max_batch: int,
+        delay: float,
+        max_wait: float,
+        parallel: int = 1,
     ) -> None:
         self.generator = generator
         self.max_batch = max_batch
+        self.parallel = parallel  # batches running at once, each in its own thread
         self.delay = delay  # seconds after the oldest queued request
         self.max_wait = max_wait  # seconds a request may wait for its batch to start
         self._queue: deque[_Job] = deque()
         self._queued_images = 0
         self._full: asyncio.Future[None] | None = None  # set when max_batch images wait
         self._drainer: asyncio.Task[None] | None = None
-        self.batches = 0  # onnxruntime calls made (tests and logs read them)
+        self._running: set[asyncio.Task[None]] = set()
+        self._slot_free: asyncio.Future[None] | None = None  # set when a running batch ends
+        self.batches = 0  # onnxruntime calls made (the tests read it)
 
     async def generate(
         self, n: int, make_feeds: Callable[[], Feeds], finish: Callable[[np.ndarray], Any]
@@ -98,12 +108,18 @@ class Batcher:
                 job.result.set_exception(QueueTimeoutError(f"queued over {waited}"))
 
     async def _drain(self) -> None:
-        """Runs batches until the queue is empty; then the next request starts a new drain."""
+        """Starts batches until the queue is empty (then the next request starts a new
+        drain), at most ``parallel`` running at once: the next batch gathers meanwhile."""
+        loop = asyncio.get_running_loop()
         while self._queue:
+            while len(self._running) >= self.parallel:
+                self._slot_free = loop.create_future()
+                await self._slot_free
             await self._gather()
             batch = self._take()
             if batch:
-                await self._run(batch)
+                run = loop.create_task(self._run(batch))
+                self._running.add(run)
 
     async def _gather(self) -> None:
         """Wait until ``delay`` after the oldest queued request, or until a full batch."""
@@ -134,10 +150,19 @@ class Batcher:
 
     async def _run(self, batch: list[_Job]) -> None:
         images = sum(job.n for job in batch)
-        if images <= INLINE_MAX_IMAGES:
-            outcomes = self._work(batch)
-        else:
-            outcomes = await anyio.to_thread.run_sync(self._work, batch)
+        try:
+            if images <= INLINE_MAX_IMAGES:
+                outcomes = self._work(batch)
+            else:
+                outcomes = await anyio.to_thread.run_sync(self._work, batch)
+        except BaseException:  # cancelled (shutdown): nobody may wait forever
+            for job in batch:
+                job.result.cancel()
+            raise
+        finally:  # the slot is free before the waiters hear back
+            self._running.discard(asyncio.current_task())
+            if self._slot_free and not self._slot_free.done():
+                self._slot_free.set_result(None)
         self.batches += 1
         for job, outcome in zip(batch, outcomes, strict=True):
             if job.result.done():  # its client went away meanwhile

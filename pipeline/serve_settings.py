@@ -37,10 +37,13 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1 << 20, ge=64, le=64 << 20)
     # Dynamic batching (pipeline/serve_batcher.py): concurrent requests share one
     # onnxruntime call of up to max_batch images, formed within batch_delay_ms of the
-    # oldest queued request; a request not started within queue_timeout_ms gets 503.
+    # oldest queued request, up to batch_parallel such calls at once (a single thread
+    # leaves cores idle: the model is compute-bound at a few dozen images); a request
+    # not started within queue_timeout_ms gets 503.
     batching: bool = True
     batch_delay_ms: float = Field(2.0, ge=0, le=1000)
-    max_batch: int = Field(256, ge=1, le=4096)
+    max_batch: int = Field(128, ge=1, le=4096)
+    batch_parallel: int = Field(2, ge=1, le=64)  # batches running at once (threads)
     queue_timeout_ms: int = Field(1000, ge=1, le=60_000)
     # Processes, each with its own copy of the model and its own concurrency limit; one
     # event loop saturates one core, so more workers scale the n=1 rate with the cores.
