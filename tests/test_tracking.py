@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import multiprocessing
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.presets import exp_run_args
+from pipeline import compare, ui
 from pipeline.stage import UserError
 from pipeline.tracking import experiment_id, open_run, tracking_uri
 
@@ -72,10 +75,12 @@ def test_queued_experiments_run_in_parallel_and_log_into_the_repo_store(
     run works in a temp copy DVC deletes, yet its MLflow run and artifacts stay in the repo."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     env = {"MNIST_MIRROR": str(shared_mnist)}
-    smoke = exp_run_args("smoke", repo_copy / "params.yaml")
     names = {"smoke-seed-1": "1", "smoke-seed-2": "2"}
-    for name, seed in names.items():
-        dvc(repo_copy, "exp", "run", "--queue", "-n", name, *smoke, "-S", f"seed={seed}", env=env)
+    # `make sweep PRESET=smoke SET=seed=1,2`: one queued experiment per value, named after it.
+    sweep = [sys.executable, "-m", "pipeline.sweep", "smoke", "seed=1,2"]
+    queued = subprocess.run(sweep, cwd=repo_copy, capture_output=True, text=True, timeout=300)
+    assert queued.returncode == 0, queued.stderr
+    baseline = _git(repo_copy, "rev-parse", "HEAD")
     dvc(repo_copy, "queue", "start", "-j", "2", env=env)
     try:
         for _ in range(120):  # 10 minutes at most
@@ -100,6 +105,38 @@ def test_queued_experiments_run_in_parallel_and_log_into_the_repo_store(
         artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
         assert artifacts.is_relative_to(repo_copy / "mlartifacts")
         assert (artifacts / "plots" / "samples.png").is_file()
+        # Provenance that outlives DVC's temp copy: no path into it, the baseline commit,
+        # the experiment's own git ref (which exists once the run is done), clean code.
+        tags = run.data.tags
+        assert tags["mlflow.source.name"] == "stages/train.py"
+        assert tags["git_commit"] == tags["mlflow.source.git.commit"] == baseline
+        assert tags["git_dirty"] == "false", tags["git_changed"]
+        assert tags["dvc_experiment"] == name
+        assert _git(repo_copy, "rev-parse", f"{tags['dvc_experiment_ref']}^") == baseline
+        (model,) = client.search_logged_models(
+            [experiment.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"
+        )
+        assert model.tags["mlflow.source.name"] == "stages/export.py"
     assert not list((repo_copy / ".dvc" / "tmp" / "exps").glob("tmp*"))  # temp copies gone
-    shown = dvc(repo_copy, "exp", "show", "--csv", env=env).stdout
-    assert all(name in shown for name in names)
+
+    # The comparison of the sweep, from DVC's real JSON: fits 120 columns, names the swept
+    # param and the headline metrics.
+    shown = dvc(repo_copy, "exp", "show", "--json", env=env).stdout
+    text = compare.table(json.loads(shown), width=120)
+    assert max(map(len, text.splitlines())) <= 120, text
+    header = text.splitlines()[0].split()
+    assert header[:2] == ["Experiment", "seed"], text
+    assert header[-len(compare.HEADLINE) :] == list(compare.HEADLINE), text
+    assert {line.split()[0] for line in text.splitlines()[1:]} >= set(names), text
+
+    # `make ui`'s links: the experiment's runs page, and the Compare page of this sweep.
+    monkeypatch.chdir(repo_copy)
+    runs_link, sweep_link = ui.links("http://127.0.0.1:5000", f"sqlite:///{store}", "mnist-gan")
+    assert runs_link.endswith(f"/#/experiments/{experiment.experiment_id}/runs")
+    assert all(quote(run.info.run_id) in sweep_link for run in runs.values())
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=repo, capture_output=True, text=True, check=True
+    ).stdout.strip()
