@@ -64,7 +64,8 @@ def experiments(shown: list[dict[str, Any]]) -> Iterator[tuple[str, dict, dict]]
                 states += exp_range["revs"][:1]
         for state in states:
             data = state.get("data") or {}
-            name = state.get("name") or state["rev"][:7]
+            rev = state["rev"]  # "workspace", or a commit's sha
+            name = state.get("name") or (rev if rev == "workspace" else rev[:7])
             yield name, _merged(data.get("params")), _merged(data.get("metrics"))
 
 
@@ -122,7 +123,8 @@ def table(shown: list[dict[str, Any]], width: int | None, wide: bool = False) ->
         params.append(col)
     columns = [("Experiment", names), *params, *(col for col, _ in metrics)]
     widths = [max(len(heading), *map(len, cells)) for heading, cells in columns]
-    lines = ["  ".join(h.ljust(w) for (h, _), w in zip(columns, widths, strict=True)).rstrip()]
+    heads = [h.rjust(w) for (h, _), w in zip(columns[1:], widths[1:], strict=True)]
+    lines = ["  ".join(["Experiment".ljust(widths[0]), *heads])]
     for i in range(len(rows)):
         first = columns[0][1][i].ljust(widths[0])
         rest = [cells[i].rjust(w) for (_, cells), w in zip(columns[1:], widths[1:], strict=True)]

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
-from importlib.metadata import version
+from importlib import metadata
 from pathlib import Path
 
 import keras
@@ -199,7 +199,7 @@ def test_export_and_generate_stages_log_into_the_training_run(
     )
     requirements = mlflow.pyfunc.get_model_dependencies(logged.model_uri)
     assert Path(requirements).read_text().split() == [
-        f"{name}=={version(name)}" for name in ("mlflow", "onnx", "onnxruntime", "numpy")
+        f"{name}=={metadata.version(name)}" for name in ("mlflow", "onnx", "onnxruntime", "numpy")
     ]
     pyfunc = mlflow.pyfunc.load_model(logged.model_uri)
     assert {spec.name for spec in pyfunc.metadata.get_input_schema().inputs} == {"z", "label"}
