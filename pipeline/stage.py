@@ -90,11 +90,13 @@ def use_project_python() -> None:
         return
     root = Path(os.environ.get("DVC_ROOT") or ROOT)
     venv_python = root / ".venv" / "bin" / "python"
-    if venv_python.is_file() and Path(sys.prefix).resolve() != venv_python.parent.parent:
+    venv = venv_python.parent.parent.resolve()
+    if venv_python.is_file() and Path(sys.prefix).resolve() != venv:  # not already tried
         os.execv(venv_python, [str(venv_python), *sys.orig_argv[1:]])
+    state = "lacks them too" if venv_python.is_file() else "does not exist"
     sys.exit(
-        f"error: {sys.executable} has no {', '.join(missing)} (not the project's "
-        f"environment) and there is no {venv_python}; {SETUP_HINT}"
+        f"error: {sys.executable} lacks {', '.join(missing)}: not the project's environment, "
+        f"and {venv_python} {state}; {SETUP_HINT}"
     )
 
 
