@@ -11,7 +11,7 @@ export UV_PROJECT_ENVIRONMENT := $(VENV)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 PRESET ?= default
 
-.PHONY: setup repro test lint exp compare sweep ui shell report lock clean
+.PHONY: setup repro test lint exp compare sweep ui shell report lock clean push pull
 
 setup: $(VENV)/.synced
 
@@ -30,6 +30,7 @@ repro: setup
 test: setup
 	ruff check .
 	ruff format --check .
+	mypy
 	pytest
 
 # One preset = one ordinary DVC experiment (listed by `dvc exp show` and in MLflow):
@@ -75,8 +76,18 @@ report: setup
 	@echo "PNG/GIF:      $(CURDIR)/reports/plots/"
 	@echo "Compare runs: make compare; dvc plots diff <exp> <exp>; make ui"
 
+# Share the pipeline's outputs through the DVC remote (.dvc/config: a folder beside the
+# clone unless overridden; README "Scaling out"). REMOTE=name picks another remote.
+#   make push               # after `make repro` + committing dvc.lock: upload what it points to
+#   make pull               # in another clone: download it; `dvc status` is then clean
+push: setup
+	dvc push $(if $(REMOTE),--remote $(REMOTE))
+
+pull: setup
+	dvc pull $(if $(REMOTE),--remote $(REMOTE))
+
 lint: setup
-	ruff check . && ruff format --check .
+	ruff check . && ruff format --check . && mypy
 
 lock: $(UV)
 	$(UV) lock
@@ -84,18 +95,45 @@ lock: $(UV)
 clean:
 	rm -rf $(VENV) .uv .pytest_cache .ruff_cache
 
-.PHONY: serve docker-check
+.PHONY: serve docker-check web
 
 # The generation service on 127.0.0.1:8000 (env MNIST_GAN_* for limits; see README).
 MODEL ?= models/generator.onnx
 serve: setup
 	python -m pipeline.serve --model $(MODEL)
 
-# Builds the serve image for real (Docker daemon, debootstrap base image), runs it and
-# calls it on loopback. Needs root; see docker/check.sh.
+# The digits page as a static site that runs the model in the browser (onnxruntime-web,
+# WebAssembly): the page, $(MODEL), its metadata and the runtime, for any static host.
+#   make web [MODEL=path/to/generator.onnx] [WEB=folder]; then python -m http.server -d web
+WEB ?= web
+ORT_WEB := node_modules/onnxruntime-web/dist/ort.wasm.min.mjs
+web: setup $(ORT_WEB)
+	python -m pipeline.page --model $(MODEL) --out $(WEB)
+
+# Pinned by package-lock.json; installed only when missing or when the lock changed.
+$(ORT_WEB): package-lock.json
+	npm ci --ignore-scripts --no-audit --no-fund
+	touch $@
+
+# Builds the serve image for real (Docker daemon, debootstrap base image), runs it, calls it
+# on loopback and prints its size (fails at >= 150 MB). Needs root; see docker/check.sh.
 docker-check: requirements/serve.txt
 	bash docker/check.sh
 
 # The serve image's pinned dependencies, exported from uv.lock.
 requirements/serve.txt: uv.lock | $(UV)
 	$(UV) export --frozen --extra serve --no-dev --no-hashes --no-emit-project -o $@
+
+.PHONY: tracking-server tracking-server-stop
+
+# A team MLflow server: PostgreSQL (unix socket under TRACKING_STATE, no TCP, no password) and
+# `mlflow server` on 127.0.0.1:TRACKING_PORT with artifacts it serves itself. Runs in the
+# foreground (Ctrl-C stops it); it prints the MLFLOW_TRACKING_URI to export. Data persists.
+TRACKING_STATE ?= $(CURDIR)/.tracking
+TRACKING_PORT ?= 5000
+tracking-server: setup
+	bash scripts/install_postgres.sh
+	python -m scripts.tracking_server run --state $(TRACKING_STATE) --port $(TRACKING_PORT)
+
+tracking-server-stop: setup
+	python -m scripts.tracking_server stop --state $(TRACKING_STATE)
