@@ -11,7 +11,7 @@ export UV_PROJECT_ENVIRONMENT := $(VENV)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 PRESET ?= default
 
-.PHONY: setup repro test lint exp compare report lock clean push pull
+.PHONY: setup repro test lint exp compare sweep ui shell report lock clean push pull
 
 setup: $(VENV)/.synced
 
@@ -41,11 +41,32 @@ exp: setup
 	args="$$(python -m pipeline.presets exp-args $(PRESET) $(SET))" && \
 	eval dvc exp run $(if $(QUEUE),--queue) -n "$(PRESET)-$$(date +%Y%m%d-%H%M%S)" $$args
 
-# Every experiment side by side: the params that tell presets apart, the final losses and
-# every quality metric. `make compare ARGS=-A` adds experiments made on earlier commits.
-COMPARE := ^(Experiment|preset|model\.activation|model\.d_dropout|loss\.kind|loss\.label_smoothing|train\.lr_g|train\.lr_d|train\.epochs|train\.steps|reports/train.json:train_seconds|d_loss|g_loss|fid|classifier_score|precision|recall|classes_present|conditional_accuracy)$$
+# Experiments side by side, fit to the terminal: the params that differ between them, then
+# fid, recall, precision and training seconds (pipeline/compare.py reads `dvc exp show --json`).
+#   make compare            # WIDE=1: every differing param and every metric
+#   make compare ARGS=-A    # experiments made on earlier commits too
 compare: setup
-	dvc exp show --no-pager --hide-queued --hide-failed --drop '.*' --keep '$(COMPARE)' --precision 3 $(ARGS)
+	python -m pipeline.compare $(if $(WIDE),--wide) $(ARGS)
+
+# A grid of queued experiments named after their values, then run JOBS at a time:
+#   make sweep PRESET=default SET='train.lr_g=1e-4,4e-4 seed=1,2'   # 4 runs: default-lr_g-1e-4-seed-1, ...
+JOBS ?= 2
+sweep: setup
+	python -m pipeline.sweep $(PRESET) $(SET)
+	dvc queue start -j $(JOBS)
+	@echo "progress: dvc queue status; then make compare, make ui"
+
+# The MLflow UI on 127.0.0.1:$(PORT); prints the links to this project's runs (and the last sweep).
+PORT ?= 5000
+ui: setup
+	python -m pipeline.ui --port $(PORT)
+
+# A bash inside the project's environment: every README command works there as typed;
+# `exit` leaves it. The same as `source .venv/bin/activate` (after ~/.bashrc, which may put
+# other Pythons first on PATH).
+shell: setup
+	@echo "project environment: $(CURDIR)/$(VENV) (exit to leave)"
+	@bash --rcfile <(echo '[ -f ~/.bashrc ] && . ~/.bashrc; . "$(CURDIR)/$(VENV)/bin/activate"') -i
 
 # Where to look after `make repro`: the numbers, and every plot as one HTML page.
 report: setup
@@ -53,7 +74,7 @@ report: setup
 	dvc plots show --out reports/html
 	@echo "HTML report:  $(CURDIR)/reports/html/index.html"
 	@echo "PNG/GIF:      $(CURDIR)/reports/plots/"
-	@echo "Compare runs: dvc exp show; dvc plots diff <exp> <exp>; mlflow ui --backend-store-uri sqlite:///mlflow.db"
+	@echo "Compare runs: make compare; dvc plots diff <exp> <exp>; make ui"
 
 # Share the pipeline's outputs through the DVC remote (.dvc/config: a folder beside the
 # clone unless overridden; README "Scaling out"). REMOTE=name picks another remote.

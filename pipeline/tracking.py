@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -172,3 +173,53 @@ def check_server(uri: str | None = None, *, run_file: Path | None = None) -> Non
             f"{name}: {uri} answered HTTP {response.status_code} to an MLflow "
             f"API call; is it an MLflow tracking server? ({response.text[:80]!r})"
         )
+
+
+# Provenance: what code a run ran. MLflow takes its source tags from sys.argv[0] and the
+# git repo around it, which for `dvc queue start` are a temp copy DVC deletes afterwards and
+# the baseline it was copied from; the repo's HEAD may have moved on by then. These say
+# instead what stays true: the script's path in the repo, the baseline commit DVC started
+# from, the experiment's own git ref (DVC commits the experiment there when it ends), and
+# whether the code differed from that baseline.
+
+# What `dvc exp run -S` and a finished stage change by design: not "dirty" code.
+EXPERIMENT_FILES = ("params.yaml", "dvc.lock")
+
+
+def _git(*args: str) -> str:
+    result = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
+    return result.stdout if result.returncode == 0 else ""
+
+
+def source_tags() -> dict[str, str]:
+    """MLflow's own source tags, true for queued experiments too: for a run and a logged
+    model (both take ``tags=``, which win over the ones MLflow infers)."""
+    script = Path(sys.argv[0]).resolve()
+    workspace = Path.cwd().resolve()  # a stage runs in the repo root or DVC's copy of it
+    name = script.relative_to(workspace) if script.is_relative_to(workspace) else script
+    baseline = os.environ.get("DVC_EXP_BASELINE_REV") or _git("rev-parse", "HEAD").strip()
+    return {
+        "mlflow.source.name": name.as_posix(),
+        "mlflow.source.type": "LOCAL",
+        "mlflow.source.git.commit": baseline or "unknown",
+    }
+
+
+def provenance_tags() -> dict[str, str]:
+    """Source tags plus ``git_commit`` (the baseline), ``git_dirty`` (code or config other
+    than params.yaml/dvc.lock differs from it), ``git_changed`` (every changed path), and
+    the DVC experiment's name and ref."""
+    tags = source_tags()
+    baseline = tags["mlflow.source.git.commit"]
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    changed = sorted(line[3:] for line in status.splitlines())
+    name = os.environ.get("DVC_EXP_NAME", "")
+    ref = f"refs/exps/{baseline[:2]}/{baseline[2:]}/{name}" if name and baseline else ""
+    return {
+        **tags,
+        "git_commit": baseline,
+        "git_dirty": str(any(p not in EXPERIMENT_FILES for p in changed)).lower(),
+        "git_changed": " ".join(changed)[:4000],
+        "dvc_experiment": name,
+        "dvc_experiment_ref": ref,
+    }

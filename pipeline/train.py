@@ -109,11 +109,7 @@ def train(params: Params, data_dir: Path, out: Outputs) -> dict[str, Any]:
     iterator = input_batches(params, strategy, images, labels, start)
 
     run_name = os.environ.get("DVC_EXP_NAME") or f"{params.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    tags = {
-        "git_commit": tracking.git_commit(),
-        "preset": params.preset,
-        "dvc_experiment": os.environ.get("DVC_EXP_NAME", ""),
-    }
+    tags = {**tracking.provenance_tags(), "preset": params.preset}
     with (
         tracking.start_run(params.mlflow.experiment, run_name, tags, run_id) as run,
         RunLogger(run) as logger,  # per-epoch logging that outlives a server restart

@@ -17,15 +17,16 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import mlflow
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipeline import run_logger, tracking
+from pipeline import compare, run_logger, tracking, ui
 from pipeline.params import apply_overrides
-from pipeline.presets import exp_run_args, load_preset
+from pipeline.presets import load_preset
 from pipeline.stage import UserError
 from scripts.tracking_server import PG_BIN, TrackingServer
 
@@ -192,16 +193,24 @@ def test_training_outlives_a_server_restart(
 
 @pytest.mark.slow
 def test_queued_sweep_runs_in_parallel_and_logs_into_the_team_server(
-    server: TrackingServer, repo_copy: Path, shared_mnist: Path, dvc: Dvc
+    server: TrackingServer,
+    repo_copy: Path,
+    shared_mnist: Path,
+    dvc: Dvc,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """DVC's grid syntax queues one experiment per value; `dvc queue start -j 2` runs both
-    in temp copies DVC deletes, and each logs its run, metrics, artifacts and registered
-    ONNX model into the PostgreSQL-backed server."""
+    """`make sweep` queues one experiment per value, named after it; `dvc queue start -j 2`
+    runs both in temp copies DVC deletes, and each logs its run, metrics, artifacts and
+    registered ONNX model into the PostgreSQL-backed server, with provenance tags that stay
+    true; `make compare` and `make ui` show the sweep."""
     env = {"MNIST_MIRROR": str(shared_mnist), "MLFLOW_TRACKING_URI": server.uri}
-    smoke = exp_run_args("smoke", repo_copy / "params.yaml")
     model = "mnist-generator-sweep"
-    grid = ["-S", "train.lr_g=1e-4,4e-4", "-S", f"export.registered_model={model}"]
-    dvc(repo_copy, "exp", "run", "--queue", *smoke, *grid, env=env)
+    names = {"smoke-lr_g-1e-4": 1e-4, "smoke-lr_g-4e-4": 4e-4}
+    sweep = [sys.executable, "-m", "pipeline.sweep", "smoke", "train.lr_g=1e-4,4e-4"]
+    sweep.append(f"export.registered_model={model}")
+    queued = subprocess.run(sweep, cwd=repo_copy, capture_output=True, text=True, timeout=300)
+    assert queued.returncode == 0, queued.stderr
+    baseline = _git(repo_copy, "rev-parse", "HEAD")
     dvc(repo_copy, "queue", "start", "-j", "2", env=env)
     try:
         for _ in range(120):  # 10 minutes at most
@@ -217,8 +226,20 @@ def test_queued_sweep_runs_in_parallel_and_logs_into_the_team_server(
     experiment = client.get_experiment_by_name("mnist-gan")
     assert experiment.artifact_location.startswith("mlflow-artifacts:")  # served by the server
     runs = client.search_runs([experiment.experiment_id])
-    assert sorted(float(run.data.params["train.lr_g"]) for run in runs) == [1e-4, 4e-4]
+    assert {run.info.run_name: float(run.data.params["train.lr_g"]) for run in runs} == names
     for run in runs:
+        # Provenance that outlives DVC's temp copy: no path into it, the baseline commit,
+        # the experiment's own git ref (which exists once the run is done), clean code.
+        tags = run.data.tags
+        assert tags["mlflow.source.name"] == "stages/train.py"
+        assert tags["git_commit"] == tags["mlflow.source.git.commit"] == baseline
+        assert tags["git_dirty"] == "false", tags["git_changed"]
+        assert tags["dvc_experiment"] == run.info.run_name
+        assert _git(repo_copy, "rev-parse", f"{tags['dvc_experiment_ref']}^") == baseline
+        (logged,) = client.search_logged_models(
+            [experiment.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"
+        )
+        assert logged.tags["mlflow.source.name"] == "stages/export.py"
         assert run.info.status == "FINISHED"
         assert {"d_loss", "g_loss", "fid", "precision", "export_parity_max_abs_diff"} <= set(
             run.data.metrics
@@ -231,3 +252,24 @@ def test_queued_sweep_runs_in_parallel_and_logs_into_the_team_server(
     assert list((server.state / "artifacts").rglob("samples.png"))  # stored by the server
     assert not list((repo_copy / ".dvc" / "tmp" / "exps").glob("tmp*"))  # temp copies gone
     assert not (repo_copy / "mlflow.db").exists()  # nothing went to the local store
+
+    # `make compare` from DVC's real JSON: fits 120 columns; the swept param, then the
+    # headline metrics.
+    text = compare.table(json.loads(dvc(repo_copy, "exp", "show", "--json", env=env).stdout), 120)
+    assert max(map(len, text.splitlines())) <= 120, text
+    header = text.splitlines()[0].split()
+    assert header[:2] == ["Experiment", "lr_g"], text
+    assert header[-len(compare.HEADLINE) :] == list(compare.HEADLINE), text
+    assert {line.split()[0] for line in text.splitlines()[1:]} >= set(names), text
+
+    # `make ui`'s links: the experiment's runs page, and the Compare page of this sweep.
+    monkeypatch.chdir(repo_copy)
+    runs_link, sweep_link = ui.links("http://127.0.0.1:5000", server.uri, "mnist-gan")
+    assert runs_link.endswith(f"/#/experiments/{experiment.experiment_id}/runs")
+    assert all(quote(run.info.run_id) in sweep_link for run in runs)
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=repo, capture_output=True, text=True, check=True
+    ).stdout.strip()
