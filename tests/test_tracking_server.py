@@ -178,7 +178,8 @@ def test_training_outlives_a_server_restart(
     output = log_path.read_text()
     assert stage.returncode == 0, output
     assert re.search(r"unreachable \(\w+\); buffering", output)  # the outage hit a log call
-    assert after_back < 60, after_back
+    # A stall would be MLflow's own retries, ~4 minutes; a loaded machine needs some slack.
+    assert after_back < 180, after_back
     run_id = json.loads((tmp_path / "models" / "mlflow_run.json").read_text())["run_id"]
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
