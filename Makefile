@@ -11,7 +11,7 @@ export UV_PROJECT_ENVIRONMENT := $(VENV)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 PRESET ?= default
 
-.PHONY: setup repro test lint exp compare report lock clean
+.PHONY: setup repro test lint exp compare report lock clean yardstick
 
 setup: $(VENV)/.synced
 
@@ -41,8 +41,10 @@ exp: setup
 	eval dvc exp run $(if $(QUEUE),--queue) -n "$(PRESET)-$$(date +%Y%m%d-%H%M%S)" $$args
 
 # Every experiment side by side: the params that tell presets apart, the final losses and
-# every quality metric. `make compare ARGS=-A` adds experiments made on earlier commits.
-COMPARE := ^(Experiment|preset|model\.activation|model\.d_dropout|loss\.kind|loss\.label_smoothing|train\.lr_g|train\.lr_d|train\.epochs|train\.steps|reports/train.json:train_seconds|d_loss|g_loss|fid|classifier_score|precision|recall|classes_present|conditional_accuracy)$$
+# every quality metric. `yardstick` names the classifier that measured each row: FIDs under
+# different yardsticks are not comparable (`-`: an older per-machine classifier).
+# `make compare ARGS=-A` adds experiments made on earlier commits.
+COMPARE := ^(Experiment|preset|model\.activation|model\.d_dropout|loss\.kind|loss\.label_smoothing|train\.lr_g|train\.lr_d|train\.epochs|train\.steps|reports/train.json:train_seconds|d_loss|g_loss|fid|yardstick|classifier_score|precision|recall|classes_present|conditional_accuracy)$$
 compare: setup
 	dvc exp show --no-pager --hide-queued --hide-failed --drop '.*' --keep '$(COMPARE)' --precision 3 $(ARGS)
 
@@ -53,6 +55,12 @@ report: setup
 	@echo "HTML report:  $(CURDIR)/reports/html/index.html"
 	@echo "PNG/GIF:      $(CURDIR)/reports/plots/"
 	@echo "Compare runs: dvc exp show; dvc plots diff <exp> <exp>; mlflow ui --backend-store-uri sqlite:///mlflow.db"
+
+# Rebuild the evaluation classifier from pipeline/classifier.py and re-pin its SHA-256 in
+# pipeline/yardstick.py (commit both). Nothing else trains it: evaluate uses the pinned file.
+yardstick: setup
+	dvc repro download
+	python -m pipeline.classifier --data data
 
 lint: setup
 	ruff check . && ruff format --check .
