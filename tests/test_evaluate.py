@@ -137,7 +137,7 @@ def test_smoke_pipeline_reports_every_metric_into_the_training_run(
     real = metrics["real"]
     assert real["fid"] < 1 < metrics["fid"], metrics
     assert real["classes_present"] == 10 and real["class_kl"] < 0.01, metrics
-    assert real["precision"] > 0.9 and real["recall"] > 0.9, metrics
+    assert real["precision"] > 0.85 and real["recall"] > 0.85, metrics
     assert real["classifier_score"] > 9.5, metrics
 
     with (reports / "class_shares.csv").open() as handle:
