@@ -1,5 +1,6 @@
-# Two images from one file (BuildKit; Docker >= 20.10 or buildx):
-#   serve: the HTTP generation service, onnxruntime only (no TensorFlow), non-root
+# Two images from one file; plain `docker build` (Docker >= 20.10, with or without BuildKit:
+# the file uses no BuildKit-only syntax):
+#   serve: the HTTP generation service, onnxruntime only (no TensorFlow), non-root, < 150 MB
 #     docker build --target serve -t mnist-gan-serve .
 #     docker run --rm -p 127.0.0.1:8000:8000 mnist-gan-serve
 #   train: TensorFlow (GPU by default), DVC and MLflow; runs `dvc repro` on a mounted repo
@@ -7,46 +8,52 @@
 #     docker run --rm --gpus all -u "$(id -u):$(id -g)" -v "$PWD:/repo" mnist-gan-train
 # BASE_IMAGE: any Debian-like image with python3 >= 3.11 and its venv module; where no
 # registry is reachable, docker/base-image.sh builds one with debootstrap.
-# Behind a TLS-intercepting proxy, hand pip the CA bundle as a build secret:
-#   docker build --secret id=pip_cert,src=/etc/ssl/certs/ca-certificates.crt ...
+# Behind a TLS-intercepting proxy, put its CA certificate in docker/ca/ (see the README there).
 ARG BASE_IMAGE=python:3.11-slim
 
 # ---------------------------------------------------------------- serve
-FROM ${BASE_IMAGE} AS serve-deps
+FROM ${BASE_IMAGE} AS serve-build
 # Exact pins exported from uv.lock (make requirements/serve.txt); --no-deps: the file is the
-# whole closure, so nothing unpinned sneaks in. Then drop what serving never imports (pip,
-# setuptools, test suites, onnxruntime's model-conversion tools): ~35 MB.
+# whole closure, so nothing unpinned sneaks in.
+COPY docker/ca/ /tmp/ca/
 COPY requirements/serve.txt /tmp/serve.txt
-RUN --mount=type=secret,id=pip_cert,required=false \
-    if [ -f /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
+RUN if ls /tmp/ca/*.crt >/dev/null 2>&1; then \
+        cat /etc/ssl/certs/ca-certificates.crt /tmp/ca/*.crt > /tmp/pip-ca.pem \
+        && export PIP_CERT=/tmp/pip-ca.pem; fi \
     && python3 -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check --no-deps \
-        --only-binary=:all: -r /tmp/serve.txt \
-    && /opt/venv/bin/pip uninstall --yes --disable-pip-version-check pip setuptools \
-    && find /opt/venv -depth -type d -name tests -exec rm -rf {} + \
-    && rm -rf /opt/venv/lib/python3*/site-packages/onnxruntime/transformers \
-        /opt/venv/lib/python3*/site-packages/onnxruntime/quantization \
-        /opt/venv/lib/python3*/site-packages/onnxruntime/tools \
-        /opt/venv/lib/python3*/site-packages/onnxruntime/datasets
-
-FROM ${BASE_IMAGE} AS serve
-# A fixed numeric id, so Kubernetes' runAsNonRoot can check it and mounts can grant it access.
-RUN groupadd --system --gid 10001 app \
-    && useradd --system --uid 10001 --gid app --create-home app
-COPY --from=serve-deps /opt/venv /opt/venv
-WORKDIR /app
-# Only the params-free inference path: no TensorFlow, DVC or MLflow in this image.
-COPY pipeline/__init__.py pipeline/inference.py pipeline/serve.py pipeline/
-# The model is baked in; mount another one over /models/generator.onnx to swap it.
+    && /opt/venv/bin/pip install --no-cache-dir \
+        --disable-pip-version-check --no-deps --only-binary=:all: -r /tmp/serve.txt
+# binutils: strip, for the extension modules' debug symbols.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends binutils=2.* \
+    && rm -rf /var/lib/apt/lists/*
+# The image's whole filesystem in /rootfs: interpreter, trimmed stdlib and venv, the shared
+# libraries they load (see the script for what is dropped and why).
+COPY docker/serve_root.py /tmp/serve_root.py
+RUN python3 /tmp/serve_root.py /opt/venv /rootfs
+# The whole package (serve never imports the training modules, whose libraries are not
+# installed here) and the model, baked in: mount another one over /models/generator.onnx to
+# swap it. Readable by the service's user whatever the host's modes (exports are 0600).
+COPY pipeline/ /app/pipeline/
 ARG MODEL=models/generator.onnx
-# World-readable whatever the host's mode (exports are written 0600 via a temp file).
-COPY --chmod=0444 ${MODEL} /models/generator.onnx
-ENV PATH=/opt/venv/bin:$PATH \
+COPY ${MODEL} /models/generator.onnx
+RUN chmod -R a+rX,go-w /app \
+    && chmod 0444 /models/generator.onnx
+
+# Distroless-style: no shell, no package manager; Python and what it loads.
+FROM scratch AS serve
+COPY --from=serve-build /rootfs/ /
+COPY --from=serve-build /app/ /app/
+COPY --from=serve-build /models/ /models/
+WORKDIR /app
+ENV PATH=/opt/venv/bin \
+    LANG=C.UTF-8 \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     MNIST_GAN_MODEL=/models/generator.onnx \
     MNIST_GAN_HOST=0.0.0.0 \
     MNIST_GAN_PORT=8000
+# A fixed numeric id, so Kubernetes' runAsNonRoot can check it and mounts can grant it access.
 USER 10001:10001
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=3s --start-period=5s --retries=3 \
@@ -67,11 +74,12 @@ RUN apt-get update \
 ENV UV_PROJECT_ENVIRONMENT=/opt/venv \
     UV_LINK_MODE=copy \
     UV_COMPILE_BYTECODE=1
+COPY docker/ca/ /tmp/ca/
 COPY pyproject.toml uv.lock /opt/project/
 WORKDIR /opt/project
-RUN --mount=type=secret,id=pip_cert,required=false \
-    if [ -f /run/secrets/pip_cert ]; then \
-        export PIP_CERT=/run/secrets/pip_cert SSL_CERT_FILE=/run/secrets/pip_cert; fi \
+RUN if ls /tmp/ca/*.crt >/dev/null 2>&1; then \
+        cat /etc/ssl/certs/ca-certificates.crt /tmp/ca/*.crt > /tmp/pip-ca.pem \
+        && export PIP_CERT=/tmp/pip-ca.pem SSL_CERT_FILE=/tmp/pip-ca.pem; fi \
     && python3 -m venv /opt/uv \
     && /opt/uv/bin/pip install --no-cache-dir --disable-pip-version-check "uv==${UV_VERSION}" \
     && /opt/uv/bin/uv sync --frozen --no-cache --no-install-project --no-dev --extra train \
@@ -79,7 +87,7 @@ RUN --mount=type=secret,id=pip_cert,required=false \
         tf="$(/opt/venv/bin/python -c 'import importlib.metadata as m; print(m.version("tensorflow"))')" \
         && /opt/uv/bin/uv pip install --no-cache --python /opt/venv/bin/python \
             "tensorflow[and-cuda]==${tf}"; fi \
-    && rm -rf /opt/uv
+    && rm -rf /opt/uv /tmp/pip-ca.pem
 # Runs as whatever user `docker run -u` names, so HOME must be writable by anyone.
 ENV PATH=/opt/venv/bin:$PATH \
     HOME=/tmp \

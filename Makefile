@@ -30,6 +30,7 @@ repro: setup
 test: setup
 	ruff check .
 	ruff format --check .
+	mypy
 	pytest
 
 # One preset = one ordinary DVC experiment (listed by `dvc exp show` and in MLflow):
@@ -63,7 +64,7 @@ yardstick: setup
 	python -m pipeline.classifier --data data
 
 lint: setup
-	ruff check . && ruff format --check .
+	ruff check . && ruff format --check . && mypy
 
 lock: $(UV)
 	$(UV) lock
@@ -71,15 +72,28 @@ lock: $(UV)
 clean:
 	rm -rf $(VENV) .uv .pytest_cache .ruff_cache
 
-.PHONY: serve docker-check
+.PHONY: serve docker-check web
 
 # The generation service on 127.0.0.1:8000 (env MNIST_GAN_* for limits; see README).
 MODEL ?= models/generator.onnx
 serve: setup
 	python -m pipeline.serve --model $(MODEL)
 
-# Builds the serve image for real (Docker daemon, debootstrap base image), runs it and
-# calls it on loopback. Needs root; see docker/check.sh.
+# The digits page as a static site that runs the model in the browser (onnxruntime-web,
+# WebAssembly): the page, $(MODEL), its metadata and the runtime, for any static host.
+#   make web [MODEL=path/to/generator.onnx] [WEB=folder]; then python -m http.server -d web
+WEB ?= web
+ORT_WEB := node_modules/onnxruntime-web/dist/ort.wasm.min.mjs
+web: setup $(ORT_WEB)
+	python -m pipeline.page --model $(MODEL) --out $(WEB)
+
+# Pinned by package-lock.json; installed only when missing or when the lock changed.
+$(ORT_WEB): package-lock.json
+	npm ci --ignore-scripts --no-audit --no-fund
+	touch $@
+
+# Builds the serve image for real (Docker daemon, debootstrap base image), runs it, calls it
+# on loopback and prints its size (fails at >= 150 MB). Needs root; see docker/check.sh.
 docker-check: requirements/serve.txt
 	bash docker/check.sh
 

@@ -20,12 +20,12 @@ import keras
 import tensorflow as tf
 
 from pipeline.dataset import make_dataset
+from pipeline.gan import GAN
 from pipeline.images import from_uint8
 from pipeline.mnist import load_split
 from pipeline.models import build_discriminator, build_generator
 from pipeline.params import Params, load_params
 from pipeline.presets import load_preset
-from pipeline.train import GAN
 
 PRESET = "seed001"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=REPO_ROOT / "data")
     parser.add_argument("--xla", action="store_true", help="also time jit_compile=True")
     args = parser.parse_args()
-    tf.config.experimental.enable_op_determinism()  # as pipeline.train does on CPU
+    tf.config.experimental.enable_op_determinism()  # as pipeline.gan.configure_devices does on CPU
     keras.utils.set_random_seed(0)
     images, labels = load_split(args.data, "train")
     params = seed001_params()

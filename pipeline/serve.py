@@ -36,6 +36,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from pipeline.images import NUM_CLASSES
+from pipeline.page import mount_page
 from pipeline.serve_api import (
     BadInputError,
     Health,
@@ -139,6 +140,7 @@ def create_app(settings: Settings) -> FastAPI:
         body = Readiness(ready=ready, reason=state.reason).model_dump()
         return JSONResponse(body, status_code=200 if ready else 503)
 
+    mount_page(app)  # the digits page at / (pipeline/page.py)
     # The last added is the outermost: the access log sees the requests Limits rejects too.
     app.add_middleware(Limits, settings.max_body_bytes, settings.max_concurrency)
     app.add_middleware(AccessLog)

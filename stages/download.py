@@ -12,9 +12,11 @@ from pipeline.stage import run
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--out", type=Path, default=Path("data"))
-    parser.add_argument("--partial-dir", type=Path, default=Path(".cache/downloads"))
+    parser.add_argument("--params", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="folder for the four .gz files")
+    parser.add_argument(
+        "--partial-dir", type=Path, required=True, help="where downloads resume (outside --out)"
+    )
     args = parser.parse_args()
     data = load_params(args.params).data
     download_mnist(

@@ -1,4 +1,4 @@
-"""DVC stage: train the GAN; writes models/, reports/train*.{json,csv}, reports/samples/."""
+"""DVC stage: train the GAN; every path it reads or writes comes from dvc.yaml's cmd."""
 
 from __future__ import annotations
 
@@ -10,20 +10,24 @@ from pathlib import Path
 from pipeline import stage
 from pipeline.params import load_params
 
+# The fields of pipeline.train.Outputs, one flag each (read here without importing TF).
+OUTPUTS = ("generator", "discriminator", "checkpoints", "run_file", "samples", "history", "metrics")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--data", type=Path, default=Path("data"))
-    parser.add_argument("--models", type=Path, default=Path("models"))
-    parser.add_argument("--reports", type=Path, default=Path("reports"))
+    parser.add_argument("--params", type=Path, required=True)
+    parser.add_argument("--data", type=Path, required=True, help="folder of the MNIST .gz files")
+    for name in OUTPUTS:
+        parser.add_argument(f"--{name.replace('_', '-')}", type=Path, required=True)
     args = parser.parse_args()
     params = load_params(args.params)  # fail on bad params before paying for TensorFlow
 
-    from pipeline.train import TrainingInterruptedError, train
+    from pipeline.train import Outputs, TrainingInterruptedError, train
 
     try:
-        metrics = train(params, args.data, args.models, args.reports)
+        out = Outputs(**{name: getattr(args, name) for name in OUTPUTS})
+        metrics = train(params, args.data, out)
     except TrainingInterruptedError as exc:
         logging.getLogger("train").warning("%s", exc)
         sys.exit(128 + exc.signum)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -145,6 +146,31 @@ def raw_params() -> dict[str, Any]:
 def smoke_params(raw_params: dict[str, Any]) -> Params:
     """params.yaml with the smoke preset applied: 1 epoch on 512 images, tiny nets, CPU."""
     return parse_params(apply_overrides(raw_params, load_preset("smoke")))
+
+
+def stage_paths(stage: str, root: Path) -> dict[str, Path]:
+    """The ``--flag path`` pairs of ``stage``'s cmd in dvc.yaml (the one map of files), the
+    paths moved under ``root``: tests lay files out exactly as the pipeline does."""
+    cmd = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["cmd"]
+    words = shlex.split(cmd)
+    flags = {words[i]: words[i + 1] for i in range(len(words) - 1) if words[i].startswith("--")}
+    return {flag[2:].replace("-", "_"): root / path for flag, path in flags.items()}
+
+
+def stage_args(stage: str, root: Path, **replace: Path) -> list[str]:
+    """``stage``'s cmd flags as a list, paths under ``root``, some ``replace``d."""
+    paths = {**stage_paths(stage, root), **replace}
+    return [
+        word for name, path in paths.items() for word in (f"--{name.replace('_', '-')}", str(path))
+    ]
+
+
+def train_outputs(root: Path) -> Any:
+    """pipeline.train.Outputs laid out as dvc.yaml lays them out, under ``root``."""
+    from pipeline.train import Outputs
+
+    paths = stage_paths("train", root)
+    return Outputs(**{name: paths[name] for name in Outputs.__dataclass_fields__})
 
 
 Dvc = Callable[..., subprocess.CompletedProcess[str]]

@@ -187,3 +187,10 @@ def test_smoke_pipeline_reports_every_metric_into_the_training_run(
     status = dvc(repo_copy, "status", env=env).stdout
     assert "evaluate:" in status
     assert "train:" not in status and "export:" not in status
+
+    # Editing the downloader (a retry, a log line) changes no stage that does not run it.
+    downloader = repo_copy / "pipeline" / "download.py"
+    downloader.write_text(downloader.read_text() + "\n# an edit\n")
+    status = dvc(repo_copy, "status", env=env).stdout
+    assert "download:" in status
+    assert "train:" not in status and "export:" not in status

@@ -86,3 +86,12 @@ def test_checkpoint_digest_hashes_what_decides_the_weights() -> None:
     hashed, bookkeeping = set(checkpoints.SOURCES), set(checkpoints.BOOKKEEPING)
     assert not hashed & bookkeeping
     assert hashed | bookkeeping == runs
+
+
+def test_train_stage_takes_one_flag_per_output() -> None:
+    from dataclasses import fields
+
+    from pipeline.train import Outputs
+    from stages.train import OUTPUTS
+
+    assert tuple(field.name for field in fields(Outputs)) == OUTPUTS

@@ -13,6 +13,8 @@ import yaml
 from pipeline.params import ParamsError, apply_overrides, load_params, parse_params
 from pipeline.presets import load_preset, preset_names
 
+from conftest import stage_args
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -111,7 +113,12 @@ def test_stage_exits_nonzero_before_any_work(tmp_path: Path, raw_params: dict[st
     params_file.write_text(yaml.safe_dump(bad))
     out = tmp_path / "data"
     result = subprocess.run(
-        [sys.executable, "-m", "stages.download", "--params", str(params_file), "--out", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "stages.download",
+            *stage_args("download", tmp_path, params=params_file),
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -22,6 +22,8 @@ from mlflow.tracking import MlflowClient
 from pipeline.params import Params, load_params
 from pipeline.train import HISTORY_COLUMNS, TrainingDivergedError, train
 
+from conftest import stage_args, train_outputs
+
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
@@ -42,7 +44,7 @@ def test_smoke_training_writes_outputs_and_mlflow_run(
     smoke_params: Params, mnist_dir: Path, tmp_path: Path, mlflow_store: str
 ) -> None:
     params = _params(smoke_params, epochs=2)
-    metrics = train(params, mnist_dir, tmp_path / "models", tmp_path / "reports")
+    metrics = train(params, mnist_dir, train_outputs(tmp_path))
     assert all(np.isfinite(metrics[key]) for key in ("d_loss", "g_loss", "d_real", "d_fake"))
     assert metrics["epochs"] == 2 and metrics["steps"] == 2 * (512 // 64)
 
@@ -76,17 +78,17 @@ def test_smoke_training_writes_outputs_and_mlflow_run(
 def test_rerun_resumes_and_changed_params_start_fresh(
     smoke_params: Params, mnist_dir: Path, tmp_path: Path, mlflow_store: str, caplog: Any
 ) -> None:
-    caplog.set_level(logging.INFO, logger="pipeline.train")
-    models, reports = tmp_path / "models", tmp_path / "reports"
-    first = train(smoke_params, mnist_dir, models, reports)
+    caplog.set_level(logging.INFO, logger="pipeline.checkpoints")
+    out, models = train_outputs(tmp_path), tmp_path / "models"
+    first = train(smoke_params, mnist_dir, out)
     run_id = json.loads((models / "mlflow_run.json").read_text())["run_id"]
     # Nothing left to train: the same metrics come back from the checkpointed history.
-    assert train(smoke_params, mnist_dir, models, reports) == first
+    assert train(smoke_params, mnist_dir, out) == first
     assert "resuming from" in caplog.text
     assert json.loads((models / "mlflow_run.json").read_text())["run_id"] == run_id
 
     caplog.clear()
-    train(_params(smoke_params, lr_g=1e-3), mnist_dir, models, reports)
+    train(_params(smoke_params, lr_g=1e-3), mnist_dir, out)
     assert "from other params or code" in caplog.text and "starting fresh" in caplog.text
     assert json.loads((models / "mlflow_run.json").read_text())["run_id"] != run_id
 
@@ -98,7 +100,7 @@ def test_non_finite_loss_stops_with_epoch_and_step(
     params = _params(smoke_params, lr_d=1e30, lr_g=1e30, epochs=None, steps=6,
                      checkpoint_every=1, sample_every=6)  # fmt: skip
     with pytest.raises(TrainingDivergedError, match=r"non-finite loss at epoch 1, step (\d)") as e:
-        train(params, mnist_dir, tmp_path / "models", tmp_path / "reports")
+        train(params, mnist_dir, train_outputs(tmp_path))
     bad_step = int(e.value.args[0].split("step ")[1].split(";")[0])
     saved = tf.train.latest_checkpoint(tmp_path / "models" / "checkpoints")
     # Only steps before the bad one were checkpointed; no model file was written.
@@ -113,15 +115,8 @@ def _write_params(smoke: Params, path: Path, **train: Any) -> Path:
 
 
 def _stage(params: Path, mnist: Path, out: Path, env: dict[str, str]) -> subprocess.Popen:
-    paths = [
-        "--data",
-        str(mnist),
-        "--models",
-        str(out / "models"),
-        "--reports",
-        str(out / "reports"),
-    ]
-    command = [sys.executable, "-m", "stages.train", "--params", str(params), *paths]
+    paths = stage_args("train", out, params=params, data=mnist)
+    command = [sys.executable, "-m", "stages.train", *paths]
     return subprocess.Popen(
         command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -133,7 +128,7 @@ def test_sigkill_then_rerun_is_bit_identical(
     params = _write_params(smoke_params, tmp_path / "params.yaml", epochs=12)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     reference = tmp_path / "reference"  # uninterrupted, in this process
-    train(load_params(params), mnist_dir, reference / "models", reference / "reports")
+    train(load_params(params), mnist_dir, train_outputs(reference))
 
     out = tmp_path / "killed"
     victim = _stage(params, mnist_dir, out, env)
@@ -162,10 +157,11 @@ import tensorflow as tf
 logging.basicConfig(level=logging.INFO)
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+sys.path.insert(0, "tests")
+from conftest import train_outputs
 from pipeline.params import load_params
 from pipeline.train import train
-out = Path(sys.argv[2])
-print(train(load_params(sys.argv[1]), Path(sys.argv[3]), out / "models", out / "reports"))
+print(train(load_params(sys.argv[1]), Path(sys.argv[3]), train_outputs(Path(sys.argv[2]))))
 """
 
 
@@ -183,32 +179,3 @@ def test_mirrored_strategy_on_two_logical_cpus(
     metrics = json.loads((tmp_path / "reports" / "train.json").read_text())
     assert all(np.isfinite(metrics[key]) for key in ("d_loss", "g_loss", "d_real", "d_fake"))
     assert 0.0 < metrics["d_real"] < 1.0
-
-
-@pytest.mark.parametrize(
-    ("arch", "loss", "d_steps"),
-    [("mlp", "minimax", 1), ("mlp", "wgan_gp", 2), ("mlp", "hinge", 1), ("dcgan", "wgan_gp", 1)],
-)
-def test_every_loss_and_architecture_trains(
-    smoke_params: Params, mnist_dir: Path, arch: str, loss: str, d_steps: int
-) -> None:
-    """Two steps of each combination: finite metrics, and both nets moved."""
-    from pipeline.dataset import make_dataset
-    from pipeline.mnist import load_split
-    from pipeline.train import GAN
-
-    params = smoke_params.model_copy(
-        update={
-            "model": smoke_params.model.model_copy(update={"arch": arch}),
-            "loss": smoke_params.loss.model_copy(update={"kind": loss, "d_steps": d_steps}),
-            "train": smoke_params.train.model_copy(update={"batch_size": 16}),
-        }
-    )
-    gan = GAN(params, tf.distribute.get_strategy())
-    before = [net.get_weights()[0].copy() for net in (gan.generator, gan.discriminator)]
-    images, labels = load_split(mnist_dir, "train")
-    dataset = make_dataset(images, labels, 16, params.model.output, params.seed, limit=64)
-    sums, done = gan.train_block(iter(dataset), tf.constant(2))
-    assert int(done) == 2 and np.isfinite(sums.numpy()).all()
-    after = [net.get_weights()[0] for net in (gan.generator, gan.discriminator)]
-    assert all(not np.array_equal(b, a) for b, a in zip(before, after, strict=True))

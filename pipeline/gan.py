@@ -1,0 +1,188 @@
+"""The GAN and everything that decides its weights: devices, seeding, the strategy, the
+input stream of a (possibly resumed) run, and the training step.
+
+The shape follows the keras-io GAN examples: a ``GAN`` holds both nets and their optimizers,
+and ``train_step`` returns a dict of named losses. What differs is speed: Keras' ``fit`` (or
+a Python loop around a ``tf.function`` step) returns to Python after every batch, which on
+small nets costs as much as the maths. Here ``train_block`` runs a whole epoch (or the steps
+up to the next sample/checkpoint) inside one ``tf.function`` that pulls batches from a
+``tf.data`` iterator, so Python wakes up once per block.
+
+Determinism: one ``seed`` sets the weight init, the noise stream (a ``tf.random.Generator``
+whose state is checkpointed) and each epoch's shuffle order (a pure function of (seed,
+epoch), see ``pipeline.dataset.make_dataset``). So a run resumed at step ``s`` with the state
+checkpointed at ``s`` continues exactly as an uninterrupted one (on CPU, with op
+determinism). This module is hashed into the checkpoint digest (``pipeline.checkpoints``):
+change anything here and old checkpoints are no longer resumed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from pipeline.dataset import make_dataset
+from pipeline.losses import discriminator_loss, generator_loss, gradient_penalty
+from pipeline.models import build_discriminator, build_generator, sample_noise
+from pipeline.params import Params, TrainParams
+
+log = logging.getLogger(__name__)
+
+METRICS = ("d_loss", "g_loss", "d_real", "d_fake")  # what train_step returns, in this order
+
+
+def configure_devices(train: TrainParams) -> None:
+    """Op determinism (bit-identical resume) on CPU; mixed precision only where it pays."""
+    on_gpu = bool(tf.config.list_physical_devices("GPU"))
+    if on_gpu and train.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    elif train.mixed_precision:
+        log.info("train.mixed_precision ignored: no GPU")
+    if not on_gpu:  # on GPU deterministic kernels cost speed; a GPU run resumes, not bit-exactly
+        tf.config.experimental.enable_op_determinism()
+
+
+def pick_strategy(name: str) -> tf.distribute.Strategy:
+    gpus = [device.name for device in tf.config.list_logical_devices("GPU")]
+    if name == "mirrored" or (name == "auto" and len(gpus) > 1):
+        # Without GPUs, mirror over the logical CPUs (one unless configured otherwise).
+        cpus = [device.name for device in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(gpus or cpus)
+    if name == "multi_worker":  # the cluster comes from $TF_CONFIG
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()  # one device: the GPU when there is one
+
+
+def set_up(params: Params) -> tf.distribute.Strategy:
+    """Devices, then the seed, then the strategy, in this order: the seed must come after the
+    device policy and before any weight exists. Call once per process, before ``GAN``."""
+    train = params.train
+    configure_devices(train)
+    keras.utils.set_random_seed(params.seed)
+    strategy = pick_strategy(train.strategy)
+    if train.batch_size % strategy.num_replicas_in_sync:
+        raise ValueError(
+            f"train.batch_size: got {train.batch_size}; must be a multiple of the "
+            f"{strategy.num_replicas_in_sync} replicas of strategy {train.strategy!r}"
+        )
+    log.info("strategy %s with %d replicas", type(strategy).__name__, strategy.num_replicas_in_sync)
+    return strategy
+
+
+def steps_per_epoch(params: Params, available: int) -> int:
+    """Full batches per epoch over the first ``data.limit`` of ``available`` images."""
+    count = min(available, params.data.limit or available)
+    if count < params.train.batch_size:
+        raise ValueError(f"train.batch_size: got {params.train.batch_size}; at most {count} images")
+    return count // params.train.batch_size
+
+
+def input_batches(
+    params: Params,
+    strategy: tf.distribute.Strategy,
+    images: np.ndarray,
+    labels: np.ndarray,
+    start: int,
+) -> Any:
+    """An endless iterator of (distributed) batches that continues at step ``start``: the
+    batches an uninterrupted run would see from there."""
+    per_epoch = steps_per_epoch(params, len(images))
+    dataset = make_dataset(
+        images, labels, params.train.batch_size, params.model.output, params.seed,
+        params.data.limit, first_epoch=start // per_epoch, epochs=None,
+        skip_batches=start % per_epoch,
+    )  # fmt: skip
+    return iter(strategy.experimental_distribute_dataset(dataset))
+
+
+class GAN:
+    """Generator, discriminator, their Adam optimizers and the training noise stream."""
+
+    def __init__(self, params: Params, strategy: tf.distribute.Strategy) -> None:
+        self.model, self.loss, self.strategy = params.model, params.loss, strategy
+        self.global_batch = params.train.batch_size
+        with strategy.scope():
+            self.generator = build_generator(params.model)
+            self.discriminator = build_discriminator(params.model)
+            self.g_opt = _adam(params.train, params.train.lr_g)
+            self.d_opt = _adam(params.train, params.train.lr_d)
+            # Built now, so a checkpoint restores into existing slots (no deferred restore).
+            self.g_opt.build(self.generator.trainable_variables)
+            self.d_opt.build(self.discriminator.trainable_variables)
+            self.rng = tf.random.Generator.from_seed(params.seed)
+        step_fn = tf.function(self.train_step, jit_compile=params.train.jit_compile)
+        self._step = step_fn if params.train.jit_compile else self.train_step
+
+    def _with_label(self, x: tf.Tensor, labels: tf.Tensor) -> Any:
+        return [x, labels] if self.model.conditional else x
+
+    def _mean(self, per_example: tf.Tensor) -> tf.Tensor:
+        # Divide by the global batch: summed over replicas, this is the batch mean.
+        return tf.nn.compute_average_loss(per_example, global_batch_size=self.global_batch)
+
+    def train_step(self, real: tf.Tensor, labels: tf.Tensor) -> dict[str, tf.Tensor]:
+        g, d, kind = self.generator, self.discriminator, self.loss.kind
+        shape = [tf.shape(real)[0], self.model.latent_dim]
+        for _ in range(self.loss.d_steps):  # critic steps per generator step (unrolled)
+            z = sample_noise(self.model.noise, shape, self.rng)
+            with tf.GradientTape() as tape:
+                fake = g(self._with_label(z, labels), training=True)
+                real_logits = d(self._with_label(real, labels), training=True)
+                fake_logits = d(self._with_label(fake, labels), training=True)
+                per_example = discriminator_loss(
+                    kind, real_logits, fake_logits, self.loss.label_smoothing
+                )
+                if kind == "wgan_gp":
+                    eps = self.rng.uniform([shape[0], 1, 1, 1])
+                    critic = lambda x: d(self._with_label(x, labels), training=True)  # noqa: E731
+                    penalty = gradient_penalty(critic, real, fake, eps)
+                    per_example += self.loss.gp_weight * penalty
+                d_loss = self._mean(per_example)
+                scaled = self.d_opt.scale_loss(d_loss)  # loss scaling under mixed precision
+            grads = tape.gradient(scaled, d.trainable_variables)
+            self.d_opt.apply(grads, d.trainable_variables)
+        z = sample_noise(self.model.noise, shape, self.rng)
+        with tf.GradientTape() as tape:
+            # D judges in inference mode here: its dropout regularises D's own updates, while
+            # G learns from the whole discriminator.
+            logits = d(self._with_label(g(self._with_label(z, labels), training=True), labels))
+            g_loss = self._mean(generator_loss(kind, logits))
+            scaled = self.g_opt.scale_loss(g_loss)
+        grads = tape.gradient(scaled, g.trainable_variables)
+        self.g_opt.apply(grads, g.trainable_variables)
+        return {
+            "d_loss": d_loss,
+            "g_loss": g_loss,
+            "d_real": self._mean(tf.reshape(tf.sigmoid(real_logits), [-1])),
+            "d_fake": self._mean(tf.reshape(tf.sigmoid(fake_logits), [-1])),
+        }
+
+    @tf.function
+    def train_block(self, iterator: Any, steps: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """Up to ``steps`` steps in one graph: (sum of each metric, steps done). Stops at
+        the first non-finite metric, so ``done < steps`` says the run diverged."""
+        sums, done = tf.zeros([len(METRICS)]), tf.constant(0)
+        for _ in tf.range(steps):
+            per_replica = self.strategy.run(self._step, args=next(iterator))
+            metrics = tf.stack(
+                [self.strategy.reduce("SUM", per_replica[key], axis=None) for key in METRICS]
+            )
+            if not tf.reduce_all(tf.math.is_finite(metrics)):
+                break
+            sums += metrics
+            done += 1
+        return sums, done
+
+    def sample(self, z: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        return self.generator(self._with_label(z, labels), training=False).numpy()
+
+
+def _adam(train: TrainParams, lr: float) -> keras.optimizers.Optimizer:
+    adam = keras.optimizers.Adam(lr, beta_1=train.beta1, beta_2=train.beta2)
+    if keras.mixed_precision.global_policy().name == "mixed_float16":
+        return keras.optimizers.LossScaleOptimizer(adam)
+    return adam
