@@ -28,10 +28,11 @@ def test_shapes_and_feature_layer() -> None:
 def test_a_rebuilt_yardstick_reads_99_percent_of_the_test_set(
     mnist_dir: Path, tmp_path: Path
 ) -> None:
-    # One epoch on all 60,000 images: the cheapest run that still reaches 99% (the pinned
-    # file trained for Recipe.epochs). Accuracy is measured on the ONNX file, not on Keras.
+    # The fewest epochs on all 60,000 images that still reach 99% (on machine C: 1 epoch
+    # 98.44%, 2 epochs 98.94%, 3 epochs 99.07%; the pinned file trained for Recipe.epochs = 4,
+    # 99.23%). Accuracy is measured on the ONNX file with onnxruntime, not on Keras.
     out = tmp_path / "classifier.onnx"
-    built = build(mnist_dir, out, Recipe(epochs=1))
+    built = build(mnist_dir, out, Recipe(epochs=3))
     assert built.test_accuracy >= 0.99, built
     assert built.sha256 == yardstick.sha256_of(out)
     assert [p.name for p in tmp_path.iterdir()] == ["classifier.onnx"]  # no temp files left
