@@ -11,7 +11,7 @@ export UV_PROJECT_ENVIRONMENT := $(VENV)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 PRESET ?= default
 
-.PHONY: setup repro test lint exp compare report lock clean yardstick
+.PHONY: setup repro test lint exp compare report lock clean push pull yardstick
 
 setup: $(VENV)/.synced
 
@@ -63,6 +63,16 @@ yardstick: setup
 	dvc repro download
 	python -m pipeline.classifier --data data
 
+# Share the pipeline's outputs through the DVC remote (.dvc/config: a folder beside the
+# clone unless overridden; README "Scaling out"). REMOTE=name picks another remote.
+#   make push               # after `make repro` + committing dvc.lock: upload what it points to
+#   make pull               # in another clone: download it; `dvc status` is then clean
+push: setup
+	dvc push $(if $(REMOTE),--remote $(REMOTE))
+
+pull: setup
+	dvc pull $(if $(REMOTE),--remote $(REMOTE))
+
 lint: setup
 	ruff check . && ruff format --check . && mypy
 
@@ -100,3 +110,17 @@ docker-check: requirements/serve.txt
 # The serve image's pinned dependencies, exported from uv.lock.
 requirements/serve.txt: uv.lock | $(UV)
 	$(UV) export --frozen --extra serve --no-dev --no-hashes --no-emit-project -o $@
+
+.PHONY: tracking-server tracking-server-stop
+
+# A team MLflow server: PostgreSQL (unix socket under TRACKING_STATE, no TCP, no password) and
+# `mlflow server` on 127.0.0.1:TRACKING_PORT with artifacts it serves itself. Runs in the
+# foreground (Ctrl-C stops it); it prints the MLFLOW_TRACKING_URI to export. Data persists.
+TRACKING_STATE ?= $(CURDIR)/.tracking
+TRACKING_PORT ?= 5000
+tracking-server: setup
+	bash scripts/install_postgres.sh
+	python -m scripts.tracking_server run --state $(TRACKING_STATE) --port $(TRACKING_PORT)
+
+tracking-server-stop: setup
+	python -m scripts.tracking_server stop --state $(TRACKING_STATE)

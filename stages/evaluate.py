@@ -9,7 +9,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from pipeline import stage
+from pipeline import stage, tracking
 from pipeline.params import load_params
 
 
@@ -30,6 +30,7 @@ def main() -> None:
         parser.add_argument(f"--{name}", type=Path, required=True, help=what)
     args = parser.parse_args()
     params = load_params(args.params).eval  # fail on bad params before any work
+    tracking.check_server(run_file=args.run_file)
 
     from pipeline.evaluate import Paths, evaluate
 
