@@ -11,7 +11,7 @@ export UV_PROJECT_ENVIRONMENT := $(VENV)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 PRESET ?= default
 
-.PHONY: setup repro test lint exp compare sweep ui shell report lock clean push pull
+.PHONY: setup repro test lint exp compare sweep ui shell report lock clean push pull yardstick
 
 setup: $(VENV)/.synced
 
@@ -42,7 +42,9 @@ exp: setup
 	eval dvc exp run $(if $(QUEUE),--queue) -n "$(PRESET)-$$(date +%Y%m%d-%H%M%S)" $$args
 
 # Experiments side by side, fit to the terminal: the params that differ between them, then
-# fid, recall, precision and training seconds (pipeline/compare.py reads `dvc exp show --json`).
+# fid (with the yardstick that measured it: FIDs under different yardsticks are not
+# comparable), recall, precision and training seconds (pipeline/compare.py reads
+# `dvc exp show --json`).
 #   make compare            # WIDE=1: every differing param and every metric
 #   make compare ARGS=-A    # experiments made on earlier commits too
 compare: setup
@@ -75,6 +77,12 @@ report: setup
 	@echo "HTML report:  $(CURDIR)/reports/html/index.html"
 	@echo "PNG/GIF:      $(CURDIR)/reports/plots/"
 	@echo "Compare runs: make compare; dvc plots diff <exp> <exp>; make ui"
+
+# Rebuild the evaluation classifier from pipeline/classifier.py and re-pin its SHA-256 in
+# pipeline/yardstick.py (commit both). Nothing else trains it: evaluate uses the pinned file.
+yardstick: setup
+	dvc repro download
+	python -m pipeline.classifier --data data
 
 # Share the pipeline's outputs through the DVC remote (.dvc/config: a folder beside the
 # clone unless overridden; README "Scaling out"). REMOTE=name picks another remote.

@@ -241,7 +241,7 @@ class SmokePipeline:
 def smoke_pipeline(
     raw_params: dict[str, Any], shared_mnist: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> SmokePipeline:
-    """The pipeline up to evaluate (download, train, classifier, evaluate), run ONCE per
+    """The pipeline up to evaluate (download, train, export, evaluate), run ONCE per
     session through real DVC: the costly part of the end-to-end tests, shared by them. Tests
     read it; one that changes a tracked file commits it or puts it back."""
     root = tmp_path_factory.mktemp("smoke_pipeline")

@@ -58,7 +58,7 @@ def test_many_differing_params_fit_and_the_rest_are_named(shown: list[dict[str, 
         shown = _widen(shown, {**change, "train.lr_d": 0.0005, "model.activation": "relu"})
     text = compare.table(shown, width=120)
     assert max(map(len, text.splitlines())) <= 120, text
-    assert text.splitlines()[0].split()[-4:] == list(compare.HEADLINE)
+    assert text.splitlines()[0].split()[-len(compare.HEADLINE) :] == list(compare.HEADLINE)
     narrow = compare.table(shown, width=80)
     assert max(map(len, narrow.splitlines())) <= 80, narrow
     assert "make compare WIDE=1 shows" in narrow
