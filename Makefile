@@ -31,7 +31,7 @@ test: setup
 	ruff check .
 	ruff format --check .
 	mypy
-	pytest
+	pytest -n 2 --dist loadgroup  # two workers: much of the suite waits on servers and DVC
 
 # One preset = one ordinary DVC experiment (listed by `dvc exp show` and in MLflow):
 #   make exp PRESET=seed001            # run now

@@ -115,6 +115,7 @@ def test_evaluate_code_never_imports_tensorflow() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("smoke_pipeline")  # one shared smoke run per session
 def test_smoke_pipeline_reports_every_metric_into_the_training_run(
     smoke_pipeline: SmokePipeline, tmp_path: Path, dvc: Dvc
 ) -> None:

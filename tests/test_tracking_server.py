@@ -32,6 +32,9 @@ from scripts.tracking_server import PG_BIN, TrackingServer
 
 from conftest import REPO, Dvc, stage_args
 
+# One PostgreSQL + MLflow server per session: every test here on the same pytest-xdist worker.
+pytestmark = pytest.mark.xdist_group("tracking_server")
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
