@@ -47,13 +47,15 @@ def configure_devices(train: TrainParams) -> None:
 
 
 def pick_strategy(name: str) -> tf.distribute.Strategy:
+    if name == "multi_worker":  # the cluster comes from $TF_CONFIG
+        # First: it sets up collective ops, which must happen before TensorFlow's runtime
+        # starts (listing logical devices starts it).
+        return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = [device.name for device in tf.config.list_logical_devices("GPU")]
     if name == "mirrored" or (name == "auto" and len(gpus) > 1):
         # Without GPUs, mirror over the logical CPUs (one unless configured otherwise).
         cpus = [device.name for device in tf.config.list_logical_devices("CPU")]
         return tf.distribute.MirroredStrategy(gpus or cpus)
-    if name == "multi_worker":  # the cluster comes from $TF_CONFIG
-        return tf.distribute.MultiWorkerMirroredStrategy()
     return tf.distribute.get_strategy()  # one device: the GPU when there is one
 
 
