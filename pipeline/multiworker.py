@@ -34,6 +34,7 @@ from pipeline.params import load_params
 from pipeline.stage import UserError
 
 POLL_S = 0.1
+FINISH_S = 120.0  # all workers end at the same step: one still running this long after is stuck
 TRAIN_MODULE = "stages.train"
 
 
@@ -129,9 +130,7 @@ def launch(workers: int, args: list[str], grace_s: float = 10.0) -> int:
                 return 0
             if first_done is None and 0 in codes:
                 first_done = time.monotonic()
-            # All workers finish the same last step; one still running long after another
-            # finished is stuck waiting on it.
-            if first_done is not None and time.monotonic() - first_done > 6 * grace_s:
+            if first_done is not None and time.monotonic() - first_done > FINISH_S:
                 print("[launcher] a worker finished but another never did: stopping it")
                 _stop(procs, grace_s)
                 return 1
@@ -152,6 +151,8 @@ def main() -> None:
         raise UserError(f"--workers: got {args.workers}; must be at least 1")
     train_args = args.train_args or dvc_train_args()
     check_params(train_args, args.workers)
+    # SIGTERM unwinds like Ctrl-C, so the workers are stopped too, not orphaned.
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     sys.exit(launch(args.workers, train_args, args.grace))
 
 

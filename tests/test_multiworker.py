@@ -22,13 +22,14 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipeline.export import export_model
+from pipeline.multiworker import check_params, dvc_train_args, free_ports, tf_config
 from pipeline.params import Params, load_params
+from pipeline.stage import UserError
 from pipeline.train import train
 
 from conftest import stage_args, train_outputs
 
 REPO = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.slow
 
 # Two workers agree with one device up to float rounding, not bit for bit. Each worker
 # builds the same global batch and the same global noise (drawn once, outside the replicas)
@@ -93,6 +94,11 @@ def _params(smoke: Params, strategy: str) -> Params:
     )
 
 
+def _write(params: Params, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    return path
+
+
 @pytest.fixture
 def reference_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The in-process one-worker run's MLflow store, apart from the cluster's."""
@@ -100,12 +106,32 @@ def reference_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DVC_ROOT", str(tmp_path / "reference"))
 
 
+def test_launcher_config_and_bad_params(smoke_params: Params, tmp_path: Path) -> None:
+    ports = free_ports(3)
+    assert len(set(ports)) == 3
+    config = json.loads(tf_config(ports, 2))
+    assert config["cluster"]["worker"][2] == f"127.0.0.1:{ports[2]}"
+    assert config["task"] == {"type": "worker", "index": 2}
+    args = dvc_train_args(REPO / "dvc.yaml")
+    assert args[:4] == ["--params", "params.yaml", "--data", "data"]
+
+    params_file = tmp_path / "params.yaml"
+    for strategy, workers, message in (
+        ("auto", 2, "train.strategy: got 'auto'; set 'multi_worker'"),
+        ("multi_worker", 3, "train.batch_size: got 64; must be a multiple of the 3 workers"),
+    ):
+        _write(_params(smoke_params, strategy), params_file)
+        with pytest.raises(UserError, match=re.escape(message)):
+            check_params(["--params", str(params_file)], workers)
+    check_params(["--params", str(params_file)], 2)  # multi_worker, 64 = 2 x 32: fine
+
+
+@pytest.mark.slow
 def test_two_loopback_workers_resume_and_agree_with_one(
     smoke_params: Params, mnist_dir: Path, tmp_path: Path, reference_store: None
 ) -> None:
     params = _params(smoke_params, "multi_worker")
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    params_file = _write(params, tmp_path / "params.yaml")
     cluster = tmp_path / "cluster"
     store = f"sqlite:///{tmp_path / 'cluster.db'}"  # the cluster's runs, apart from the reference's
     env = {**os.environ, "MLFLOW_TRACKING_URI": store, "DVC_ROOT": str(cluster)}
