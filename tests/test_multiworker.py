@@ -42,6 +42,9 @@ REPO = Path(__file__).resolve().parent.parent
 # (the first step alone then moves the losses by ~1e-2).
 TOLERANCE = 1e-5
 STEPS = 24  # 3 epochs of 8 batches of 64 on the smoke preset's 512 images
+# Seconds for a launch to reach a checkpoint or finish: ~30 s on an idle 2-core machine, but
+# importing TensorFlow alone took 3 minutes per worker on a shared one (load 20).
+WAIT_S = 600
 
 
 class Launcher:
@@ -127,6 +130,7 @@ def test_launcher_config_and_bad_params(smoke_params: Params, tmp_path: Path) ->
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2 * WAIT_S + 300)
 def test_two_loopback_workers_resume_and_agree_with_one(
     smoke_params: Params, mnist_dir: Path, tmp_path: Path, reference_store: None
 ) -> None:
@@ -140,7 +144,7 @@ def test_two_loopback_workers_resume_and_agree_with_one(
 
     first = Launcher(args, env)
     try:  # Kill the non-chief once the chief saved epoch 1: the launcher stops the chief.
-        first.wait_for(lambda: (checkpoints / "ckpt-8.index").exists(), 300, "checkpoint 8")
+        first.wait_for(lambda: (checkpoints / "ckpt-8.index").exists(), WAIT_S, "checkpoint 8")
         pid = int(re.findall(r"worker 1: pid (\d+)", first.log("[launcher]"))[0])
         os.kill(pid, 9)
         assert first.wait(timeout=60) != 0, first.log()
@@ -151,7 +155,7 @@ def test_two_loopback_workers_resume_and_agree_with_one(
 
     second = Launcher(args, env)
     try:
-        assert second.wait(timeout=300) == 0, second.log()
+        assert second.wait(timeout=WAIT_S) == 0, second.log()
     finally:
         second.kill()
     assert "resuming from" in second.log("[worker 0]"), second.log()
