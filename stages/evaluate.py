@@ -7,7 +7,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from pipeline import stage
+from pipeline import stage, tracking
 from pipeline.params import load_params
 
 
@@ -18,6 +18,7 @@ def main() -> None:
     parser.add_argument("--reports", type=Path, default=Path("reports"))
     args = parser.parse_args()
     params = load_params(args.params)  # fail on bad params before importing TF
+    tracking.check_server(run_file=args.models / "mlflow_run.json")
 
     from pipeline.evaluate import evaluate
 

@@ -16,10 +16,9 @@ from PIL import Image
 
 from pipeline.evaluate import generate_samples
 from pipeline.models import build_generator
-from pipeline.params import Params, apply_overrides, flatten
-from pipeline.presets import load_preset
+from pipeline.params import Params, flatten
 
-from conftest import Dvc
+from conftest import Dvc, SmokePipeline
 
 KEYS = {"fid", "classifier_score", "precision", "recall"} | {
     "min_class_share",
@@ -66,14 +65,9 @@ def test_params_that_disagree_with_the_generator_are_named(smoke_params: Params)
 
 @pytest.mark.slow
 def test_smoke_pipeline_reports_every_metric_into_the_training_run(
-    repo_copy: Path, raw_params: dict, shared_mnist: Path, tmp_path: Path, dvc: Dvc
+    smoke_pipeline: SmokePipeline, tmp_path: Path, dvc: Dvc
 ) -> None:
-    smoke = apply_overrides(raw_params, load_preset("smoke"))
-    (repo_copy / "params.yaml").write_text(yaml.safe_dump(smoke, sort_keys=False))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {"MNIST_MIRROR": str(shared_mnist), "MLFLOW_TRACKING_URI": uri}
-    dvc(repo_copy, "repro", "evaluate", env=env)
-
+    repo_copy, env, uri = smoke_pipeline.repo, smoke_pipeline.env, smoke_pipeline.tracking_uri
     reports = repo_copy / "reports"
     metrics = json.loads((reports / "metrics.json").read_text())
     assert set(metrics) == KEYS | {"conditional_accuracy", "real"}  # smoke is conditional
@@ -113,15 +107,25 @@ def test_smoke_pipeline_reports_every_metric_into_the_training_run(
     dvc(repo_copy, "plots", "show", "--out", str(tmp_path / "html"), env=env)
     html = (tmp_path / "html" / "index.html").read_text()
     assert "training.gif" in html and "d_loss" in html
+    params_file = repo_copy / "params.yaml"
+    committed = params_file.read_text()
+    smoke = yaml.safe_load(committed)
     smoke["eval"]["knn_k"] = 5
-    (repo_copy / "params.yaml").write_text(yaml.safe_dump(smoke, sort_keys=False))
-    status = dvc(repo_copy, "status", env=env).stdout
+    params_file.write_text(yaml.safe_dump(smoke, sort_keys=False))
+    try:
+        status = dvc(repo_copy, "status", env=env).stdout
+    finally:
+        params_file.write_text(committed)  # the shared run stays as committed
     assert "evaluate:" in status
     assert "train:" not in status and "classifier:" not in status
 
     # Editing the downloader (a retry, a log line) changes no stage that does not run it.
     downloader = repo_copy / "pipeline" / "download.py"
-    downloader.write_text(downloader.read_text() + "\n# an edit\n")
-    status = dvc(repo_copy, "status", env=env).stdout
+    source = downloader.read_text()
+    downloader.write_text(source + "\n# an edit\n")
+    try:
+        status = dvc(repo_copy, "status", env=env).stdout
+    finally:
+        downloader.write_text(source)  # the shared run stays as committed
     assert "download:" in status
     assert "train:" not in status and "classifier:" not in status
