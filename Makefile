@@ -11,7 +11,7 @@ export UV_PROJECT_ENVIRONMENT := $(VENV)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 PRESET ?= default
 
-.PHONY: setup repro test lint exp compare sweep ui shell report lock clean push pull yardstick
+.PHONY: setup repro test lint exp compare sweep ui shell report lock clean push pull yardstick train-multiworker
 
 setup: $(VENV)/.synced
 
@@ -40,6 +40,13 @@ test: setup
 exp: setup
 	args="$$(python -m pipeline.presets exp-args $(PRESET) $(SET))" && \
 	eval dvc exp run $(if $(QUEUE),--queue) -n "$(PRESET)-$$(date +%Y%m%d-%H%M%S)" $$args
+
+# The train stage on WORKERS workers on this machine (loopback, MultiWorkerMirroredStrategy),
+# with dvc.yaml's train flags; needs train.strategy: multi_worker in params.yaml. Worker 0
+# writes the outputs; `dvc commit train` then records them as the stage's (see README).
+WORKERS ?= 2
+train-multiworker: setup
+	python -m pipeline.multiworker --workers $(WORKERS)
 
 # Experiments side by side, fit to the terminal: the params that differ between them, then
 # fid (with the yardstick that measured it: FIDs under different yardsticks are not

@@ -47,13 +47,15 @@ def configure_devices(train: TrainParams) -> None:
 
 
 def pick_strategy(name: str) -> tf.distribute.Strategy:
+    if name == "multi_worker":  # the cluster comes from $TF_CONFIG
+        # First: it sets up collective ops, which must happen before TensorFlow's runtime
+        # starts (listing logical devices starts it).
+        return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = [device.name for device in tf.config.list_logical_devices("GPU")]
     if name == "mirrored" or (name == "auto" and len(gpus) > 1):
         # Without GPUs, mirror over the logical CPUs (one unless configured otherwise).
         cpus = [device.name for device in tf.config.list_logical_devices("CPU")]
         return tf.distribute.MirroredStrategy(gpus or cpus)
-    if name == "multi_worker":  # the cluster comes from $TF_CONFIG
-        return tf.distribute.MultiWorkerMirroredStrategy()
     return tf.distribute.get_strategy()  # one device: the GPU when there is one
 
 
@@ -96,7 +98,32 @@ def input_batches(
         params.data.limit, first_epoch=start // per_epoch, epochs=None,
         skip_batches=start % per_epoch,
     )  # fmt: skip
+    if strategy.num_replicas_in_sync > 1:
+        return iter(strategy.distribute_datasets_from_function(replica_rows(dataset)))
     return iter(strategy.experimental_distribute_dataset(dataset))
+
+
+def replica_rows(dataset: tf.data.Dataset) -> Any:
+    """The input function of a run over several replicas (GPUs, workers or both): replica
+    ``r`` of ``R`` gets rows ``[r * n, (r + 1) * n)`` of each global batch, ``n = batch / R``,
+    the same rows ``GAN.train_step`` takes of the shared noise. So the replicas together see
+    exactly the global batch a one-device run sees, whatever the cluster. Every worker builds
+    the whole (deterministic) stream and keeps its own replicas' rows: no auto-sharding."""
+
+    def rows(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        batch = int(dataset.element_spec[0].shape[0])
+        local = batch // context.num_input_pipelines  # this worker's replicas' rows
+        first = context.input_pipeline_id * local  # its replicas have consecutive ids
+        per_replica = context.get_per_replica_batch_size(batch)
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        return (
+            dataset.map(lambda x, y: (x[first : first + local], y[first : first + local]))
+            .rebatch(per_replica, drop_remainder=True)  # one element per local replica, in order
+            .with_options(options)
+        )
+
+    return rows
 
 
 class GAN:
@@ -114,6 +141,10 @@ class GAN:
             self.g_opt.build(self.generator.trainable_variables)
             self.d_opt.build(self.discriminator.trainable_variables)
             self.rng = tf.random.Generator.from_seed(params.seed)
+        # Over several replicas the noise is drawn once per step for the global batch, outside
+        # the replicas, and each takes its rows: inside, tf.random.Generator gives every
+        # replica its own stream, so results would depend on the number of replicas.
+        self.shared_noise = strategy.num_replicas_in_sync > 1
         step_fn = tf.function(self.train_step, jit_compile=params.train.jit_compile)
         self._step = step_fn if params.train.jit_compile else self.train_step
 
@@ -124,11 +155,31 @@ class GAN:
         # Divide by the global batch: summed over replicas, this is the batch mean.
         return tf.nn.compute_average_loss(per_example, global_batch_size=self.global_batch)
 
-    def train_step(self, real: tf.Tensor, labels: tf.Tensor) -> dict[str, tf.Tensor]:
+    def draws(self, batch: tf.Tensor | int) -> list[tf.Tensor]:
+        """Every random draw of one step, in the order the step uses them: per critic step
+        its latents (and, for wgan_gp, the penalty's mixing weights), then G's latents."""
+        shape, out = [batch, self.model.latent_dim], []
+        for _ in range(self.loss.d_steps):
+            out.append(sample_noise(self.model.noise, shape, self.rng))
+            if self.loss.kind == "wgan_gp":
+                out.append(self.rng.uniform([batch, 1, 1, 1]))
+        out.append(sample_noise(self.model.noise, shape, self.rng))
+        return out
+
+    def train_step(
+        self, real: tf.Tensor, labels: tf.Tensor, shared: list[tf.Tensor] | None = None
+    ) -> dict[str, tf.Tensor]:
+        """One D (x d_steps) and G update on ``real``. ``shared``: the global batch's draws
+        (several replicas), of which this replica takes its rows, as of the batch."""
         g, d, kind = self.generator, self.discriminator, self.loss.kind
-        shape = [tf.shape(real)[0], self.model.latent_dim]
+        n = tf.shape(real)[0]
+        if shared is None:
+            noise = iter(self.draws(n))
+        else:
+            first = tf.distribute.get_replica_context().replica_id_in_sync_group * n
+            noise = iter([x[first : first + n] for x in shared])
         for _ in range(self.loss.d_steps):  # critic steps per generator step (unrolled)
-            z = sample_noise(self.model.noise, shape, self.rng)
+            z = next(noise)
             with tf.GradientTape() as tape:
                 fake = g(self._with_label(z, labels), training=True)
                 real_logits = d(self._with_label(real, labels), training=True)
@@ -137,7 +188,7 @@ class GAN:
                     kind, real_logits, fake_logits, self.loss.label_smoothing
                 )
                 if kind == "wgan_gp":
-                    eps = self.rng.uniform([shape[0], 1, 1, 1])
+                    eps = next(noise)
                     critic = lambda x: d(self._with_label(x, labels), training=True)  # noqa: E731
                     penalty = gradient_penalty(critic, real, fake, eps)
                     per_example += self.loss.gp_weight * penalty
@@ -145,7 +196,7 @@ class GAN:
                 scaled = self.d_opt.scale_loss(d_loss)  # loss scaling under mixed precision
             grads = tape.gradient(scaled, d.trainable_variables)
             self.d_opt.apply(grads, d.trainable_variables)
-        z = sample_noise(self.model.noise, shape, self.rng)
+        z = next(noise)
         with tf.GradientTape() as tape:
             # D judges in inference mode here: its dropout regularises D's own updates, while
             # G learns from the whole discriminator.
@@ -167,7 +218,10 @@ class GAN:
         the first non-finite metric, so ``done < steps`` says the run diverged."""
         sums, done = tf.zeros([len(METRICS)]), tf.constant(0)
         for _ in tf.range(steps):
-            per_replica = self.strategy.run(self._step, args=next(iterator))
+            args = next(iterator)
+            if self.shared_noise:  # drawn here, in cross-replica context: one stream
+                args = (*args, self.draws(self.global_batch))
+            per_replica = self.strategy.run(self._step, args=args)
             metrics = tf.stack(
                 [self.strategy.reduce("SUM", per_replica[key], axis=None) for key in METRICS]
             )

@@ -9,6 +9,7 @@ Python then logs, samples and checkpoints, and checks for stop signals.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -16,10 +17,13 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import keras
 import mlflow
@@ -85,9 +89,38 @@ class Outputs:
 
 
 def train(params: Params, data_dir: Path, out: Outputs) -> dict[str, Any]:
-    """Train and write ``out``; returns the final metrics."""
-    train_p, model_p = params.train, params.model
+    """Train and write ``out``; returns the final metrics. In a multi-worker cluster
+    (``train.strategy: multi_worker``, ``$TF_CONFIG``) only the chief writes ``out``."""
     strategy = set_up(params)
+    if strategy.extended.should_checkpoint:  # the chief, or the only worker
+        return _train(params, strategy, data_dir, out)
+    with _scratch(out) as scratch:
+        return _train(params, strategy, data_dir, scratch)
+
+
+@contextlib.contextmanager
+def _scratch(out: Outputs) -> Iterator[Outputs]:
+    """Where a non-chief worker writes: TF's pattern for MultiWorkerMirroredStrategy, whose
+    workers must all save (weights and checkpoints) though only the chief's files count. A
+    temp folder, deleted afterwards, starting with a copy of the chief's checkpoints so every
+    worker resumes from the same step."""
+    with tempfile.TemporaryDirectory(prefix="worker-") as tmp:
+        root = Path(tmp)
+        scratch = Outputs(**{f: root / getattr(out, f).name for f in Outputs.__dataclass_fields__})
+        # Safe to copy now: the chief opens its checkpoints only after every worker built
+        # the GAN (the strategy broadcasts the initial weights), which comes after this.
+        if out.checkpoints.is_dir():
+            shutil.copytree(out.checkpoints, scratch.checkpoints)
+        # Its MLflow calls go to a throwaway store: the pipeline's store gets the chief's run.
+        store = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "DVC_ROOT": tmp}
+        with mock.patch.dict(os.environ, store):  # the env, restored afterwards
+            yield scratch
+
+
+def _train(
+    params: Params, strategy: tf.distribute.Strategy, data_dir: Path, out: Outputs
+) -> dict[str, Any]:
+    train_p, model_p = params.train, params.model
     images, labels = load_split(data_dir, "train")
     per_epoch = steps_per_epoch(params, len(images))  # full batches only
     total, unit = _length(train_p, per_epoch)
