@@ -114,6 +114,9 @@ class GAN:
             self.g_opt.build(self.generator.trainable_variables)
             self.d_opt.build(self.discriminator.trainable_variables)
             self.rng = tf.random.Generator.from_seed(params.seed)
+            # The average of G's weights (None when off: no extra variable, op or RNG draw).
+            self.ema_decay = params.train.ema_decay
+            self.generator_ema = _copy(self.generator, params) if self.ema_decay else None
         step_fn = tf.function(self.train_step, jit_compile=params.train.jit_compile)
         self._step = step_fn if params.train.jit_compile else self.train_step
 
@@ -168,6 +171,8 @@ class GAN:
         sums, done = tf.zeros([len(METRICS)]), tf.constant(0)
         for _ in tf.range(steps):
             per_replica = self.strategy.run(self._step, args=next(iterator))
+            if self.generator_ema is not None:
+                self._update_ema()
             metrics = tf.stack(
                 [self.strategy.reduce("SUM", per_replica[key], axis=None) for key in METRICS]
             )
@@ -177,8 +182,31 @@ class GAN:
             done += 1
         return sums, done
 
-    def sample(self, z: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        return self.generator(self._with_label(z, labels), training=False).numpy()
+    def _update_ema(self) -> None:
+        """ema <- decay * ema + (1 - decay) * weights, after the step (cross-replica context,
+        so every replica's copy gets the same value). All weights, so BatchNorm statistics
+        are averaged too."""
+        assert self.generator_ema is not None
+        for average, weight in zip(self.generator_ema.weights, self.generator.weights, strict=True):
+            average.assign(self.ema_decay * average + (1.0 - self.ema_decay) * weight)
+
+    @property
+    def shipped(self) -> keras.Model:
+        """The generator train writes and samples: the EMA one when it is on."""
+        return self.generator if self.generator_ema is None else self.generator_ema
+
+    def sample(self, z: np.ndarray, labels: np.ndarray, raw: bool = False) -> np.ndarray:
+        """Images from the shipped generator, or from the raw one when ``raw``."""
+        net = self.generator if raw else self.shipped
+        return net(self._with_label(z, labels), training=False).numpy()
+
+
+def _copy(generator: keras.Model, params: Params) -> keras.Model:
+    """A second generator starting from the same weights (its own init is overwritten)."""
+    copy = build_generator(params.model)
+    for target, source in zip(copy.weights, generator.weights, strict=True):
+        target.assign(source)
+    return copy
 
 
 def _adam(train: TrainParams, lr: float) -> keras.optimizers.Optimizer:
