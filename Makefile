@@ -11,7 +11,7 @@ export UV_PROJECT_ENVIRONMENT := $(VENV)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 PRESET ?= default
 
-.PHONY: setup repro test lint exp compare report lock clean
+.PHONY: setup repro test lint exp compare sweep ui shell report lock clean push pull yardstick
 
 setup: $(VENV)/.synced
 
@@ -30,7 +30,8 @@ repro: setup
 test: setup
 	ruff check .
 	ruff format --check .
-	pytest
+	mypy
+	pytest -n 2 --dist loadgroup  # two workers: much of the suite waits on servers and DVC
 
 # One preset = one ordinary DVC experiment (listed by `dvc exp show` and in MLflow):
 #   make exp PRESET=seed001            # run now
@@ -40,11 +41,34 @@ exp: setup
 	args="$$(python -m pipeline.presets exp-args $(PRESET) $(SET))" && \
 	eval dvc exp run $(if $(QUEUE),--queue) -n "$(PRESET)-$$(date +%Y%m%d-%H%M%S)" $$args
 
-# Every experiment side by side: the params that tell presets apart, the final losses and
-# every quality metric. `make compare ARGS=-A` adds experiments made on earlier commits.
-COMPARE := ^(Experiment|preset|model\.activation|model\.d_dropout|loss\.kind|loss\.label_smoothing|train\.lr_g|train\.lr_d|train\.epochs|train\.steps|reports/train.json:train_seconds|d_loss|g_loss|fid|classifier_score|precision|recall|classes_present|conditional_accuracy)$$
+# Experiments side by side, fit to the terminal: the params that differ between them, then
+# fid (with the yardstick that measured it: FIDs under different yardsticks are not
+# comparable), recall, precision and training seconds (pipeline/compare.py reads
+# `dvc exp show --json`).
+#   make compare            # WIDE=1: every differing param and every metric
+#   make compare ARGS=-A    # experiments made on earlier commits too
 compare: setup
-	dvc exp show --no-pager --hide-queued --hide-failed --drop '.*' --keep '$(COMPARE)' --precision 3 $(ARGS)
+	python -m pipeline.compare $(if $(WIDE),--wide) $(ARGS)
+
+# A grid of queued experiments named after their values, then run JOBS at a time:
+#   make sweep PRESET=default SET='train.lr_g=1e-4,4e-4 seed=1,2'   # 4 runs: default-lr_g-1e-4-seed-1, ...
+JOBS ?= 2
+sweep: setup
+	python -m pipeline.sweep $(PRESET) $(SET)
+	dvc queue start -j $(JOBS)
+	@echo "progress: dvc queue status; then make compare, make ui"
+
+# The MLflow UI on 127.0.0.1:$(PORT); prints the links to this project's runs (and the last sweep).
+PORT ?= 5000
+ui: setup
+	python -m pipeline.ui --port $(PORT)
+
+# A bash inside the project's environment: every README command works there as typed;
+# `exit` leaves it. The same as `source .venv/bin/activate` (after ~/.bashrc, which may put
+# other Pythons first on PATH).
+shell: setup
+	@echo "project environment: $(CURDIR)/$(VENV) (exit to leave)"
+	@bash --rcfile <(echo '[ -f ~/.bashrc ] && . ~/.bashrc; . "$(CURDIR)/$(VENV)/bin/activate"') -i
 
 # Where to look after `make repro`: the numbers, and every plot as one HTML page.
 report: setup
@@ -52,10 +76,26 @@ report: setup
 	dvc plots show --out reports/html
 	@echo "HTML report:  $(CURDIR)/reports/html/index.html"
 	@echo "PNG/GIF:      $(CURDIR)/reports/plots/"
-	@echo "Compare runs: dvc exp show; dvc plots diff <exp> <exp>; mlflow ui --backend-store-uri sqlite:///mlflow.db"
+	@echo "Compare runs: make compare; dvc plots diff <exp> <exp>; make ui"
+
+# Rebuild the evaluation classifier from pipeline/classifier.py and re-pin its SHA-256 in
+# pipeline/yardstick.py (commit both). Nothing else trains it: evaluate uses the pinned file.
+yardstick: setup
+	dvc repro download
+	python -m pipeline.classifier --data data
+
+# Share the pipeline's outputs through the DVC remote (.dvc/config: a folder beside the
+# clone unless overridden; README "Scaling out"). REMOTE=name picks another remote.
+#   make push               # after `make repro` + committing dvc.lock: upload what it points to
+#   make pull               # in another clone: download it; `dvc status` is then clean
+push: setup
+	dvc push $(if $(REMOTE),--remote $(REMOTE))
+
+pull: setup
+	dvc pull $(if $(REMOTE),--remote $(REMOTE))
 
 lint: setup
-	ruff check . && ruff format --check .
+	ruff check . && ruff format --check . && mypy
 
 lock: $(UV)
 	$(UV) lock
@@ -63,12 +103,25 @@ lock: $(UV)
 clean:
 	rm -rf $(VENV) .uv .pytest_cache .ruff_cache
 
-.PHONY: serve docker-check
+.PHONY: serve docker-check web
 
 # The generation service on 127.0.0.1:8000 (env MNIST_GAN_* for limits; see README).
 MODEL ?= models/generator.onnx
 serve: setup
 	python -m pipeline.serve --model $(MODEL)
+
+# The digits page as a static site that runs the model in the browser (onnxruntime-web,
+# WebAssembly): the page, $(MODEL), its metadata and the runtime, for any static host.
+#   make web [MODEL=path/to/generator.onnx] [WEB=folder]; then python -m http.server -d web
+WEB ?= web
+ORT_WEB := node_modules/onnxruntime-web/dist/ort.wasm.min.mjs
+web: setup $(ORT_WEB)
+	python -m pipeline.page --model $(MODEL) --out $(WEB)
+
+# Pinned by package-lock.json; installed only when missing or when the lock changed.
+$(ORT_WEB): package-lock.json
+	npm ci --ignore-scripts --no-audit --no-fund
+	touch $@
 
 # Builds the serve image for real (Docker daemon, debootstrap base image), runs it, calls it
 # on loopback and prints its size (fails at >= 150 MB). Needs root; see docker/check.sh.
@@ -78,3 +131,17 @@ docker-check: requirements/serve.txt
 # The serve image's pinned dependencies, exported from uv.lock.
 requirements/serve.txt: uv.lock | $(UV)
 	$(UV) export --frozen --extra serve --no-dev --no-hashes --no-emit-project -o $@
+
+.PHONY: tracking-server tracking-server-stop
+
+# A team MLflow server: PostgreSQL (unix socket under TRACKING_STATE, no TCP, no password) and
+# `mlflow server` on 127.0.0.1:TRACKING_PORT with artifacts it serves itself. Runs in the
+# foreground (Ctrl-C stops it); it prints the MLFLOW_TRACKING_URI to export. Data persists.
+TRACKING_STATE ?= $(CURDIR)/.tracking
+TRACKING_PORT ?= 5000
+tracking-server: setup
+	bash scripts/install_postgres.sh
+	python -m scripts.tracking_server run --state $(TRACKING_STATE) --port $(TRACKING_PORT)
+
+tracking-server-stop: setup
+	python -m scripts.tracking_server stop --state $(TRACKING_STATE)

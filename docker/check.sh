@@ -49,7 +49,8 @@ from pathlib import Path
 
 from pipeline.export import export_model
 from pipeline.models import build_generator
-from pipeline.params import apply_overrides, load_preset, parse_params
+from pipeline.params import apply_overrides, parse_params
+from pipeline.presets import load_preset
 import yaml
 
 raw = yaml.safe_load(Path("params.yaml").read_text())
@@ -103,6 +104,9 @@ with urllib.request.urlopen(f"{url}/generate?n=16&seed=1", timeout=10) as respon
     png = response.read()
 assert response.headers["Content-Type"] == "image/png" and png.startswith(b"\x89PNG"), png[:8]
 print(f"generate: json {body['shape']}, png {len(png)} bytes")
+with urllib.request.urlopen(f"{url}/", timeout=10) as response:  # the digits page
+    page = response.read()
+assert response.headers["Content-Type"].startswith("text/html") and b"app.js" in page, page[:80]
 PY
 # No shell or coreutils in the image: ask its Python.
 user=$("$DOCKER" exec "$name" python -c 'import os; print(os.getuid())')

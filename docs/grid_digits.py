@@ -1,12 +1,11 @@
 """Mode collapse over time: how many digits the classifier reads in each fixed-noise grid a
-training logged. For docs/results.md; from the repo root, after the runs and `dvc repro
-classifier`:
+training logged. For docs/results.md; from the repo root, after the runs:
 
     python -m docs.grid_digits seed002-dropout-300ep [more runs, one column each]
 
 Each run's grids come from its MLflow artifacts (``samples/step_*.png``, the same noise every
-time), each 28x28 tile is classified by ``models/classifier.keras``, and a Markdown table
-prints, per grid: digits present, and the commonest digit with its share of the grid.
+time), each 28x28 tile is classified by the pinned yardstick (pipeline/yardstick.py), and a
+Markdown table prints, per grid: digits present, and the commonest digit with its share of the grid.
 """
 
 from __future__ import annotations
@@ -16,16 +15,16 @@ import os
 import tempfile
 from pathlib import Path
 
-import keras
 import mlflow
 import numpy as np
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pipeline.plots import step_files
+from pipeline.yardstick import Yardstick
 
 
-def grid_digits(run_name: str, classifier: keras.Model, every: int) -> dict[int, str]:
+def grid_digits(run_name: str, classifier: Yardstick, every: int) -> dict[int, str]:
     client = MlflowClient()
     run = client.search_runs(
         [e.experiment_id for e in client.search_experiments()],
@@ -44,7 +43,7 @@ def grid_digits(run_name: str, classifier: keras.Model, every: int) -> dict[int,
             pixels = np.asarray(Image.open(path).convert("L"), np.float32) / 255.0
             side = pixels.shape[0] // 28
             tiles = pixels.reshape(side, 28, side, 28).transpose(0, 2, 1, 3).reshape(-1, 28, 28, 1)
-            counts = np.bincount(classifier.predict(tiles, verbose=0).argmax(1), minlength=10)
+            counts = np.bincount(classifier.embed(tiles, 1000).probs.argmax(1), minlength=10)
             cells[round(step / steps_per_epoch)] = (
                 f"{(counts > 0).sum()} ({counts.argmax()}: {counts.max() / counts.sum():.0%})"
             )
@@ -55,12 +54,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="MLflow run names (= DVC experiment names)")
     parser.add_argument("--every", type=int, default=5, help="every Nth grid")
-    parser.add_argument("--classifier", type=Path, default=Path("models/classifier.keras"))
     args = parser.parse_args()
     mlflow.set_tracking_uri(f"sqlite:///{Path.cwd() / 'mlflow.db'}")
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
 
-    classifier = keras.models.load_model(args.classifier)
+    classifier = Yardstick()
     columns = {run: grid_digits(run, classifier, args.every) for run in args.runs}
     epochs = sorted({epoch for cells in columns.values() for epoch in cells})
     print("| epoch | " + " | ".join(f"`{run}`" for run in args.runs) + " |")

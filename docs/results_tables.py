@@ -8,6 +8,11 @@ runs:
 Each run's reproduce command comes from its logged params: its ``preset``, and every param
 that differs from that preset (``make exp PRESET=<preset> SET='<key>=<value> ...'``). A run
 of a preset as it stands is labelled with the preset's name, any other with its run name.
+
+Every FID is labelled with the yardstick that measured it (the MLflow tag ``yardstick``: the
+pinned classifier's SHA-256, pipeline/yardstick.py). Runs from before the pinned yardstick
+have no tag: their classifier was trained per machine, so their figures are marked as such,
+and a table that mixes yardsticks says so under it, with one real-data floor per yardstick.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.params import load_params
 from pipeline.presets import load_preset, preset_names
+from pipeline.yardstick import label
+
+PER_MACHINE = "per-machine"  # runs measured before the yardstick was pinned
 
 PICTURES = {"samples": "plots/samples.png", "curves": "plots/training_curves.png"}
 # (metric, label, format): the evaluate stage's figures, each beside the real-data floor.
@@ -51,6 +59,7 @@ class Run:
     metrics: dict[str, float]
     train: dict[str, Any]  # reports/train.json
     pictures: dict[str, Path]
+    yardstick: str  # the short hash of the classifier that measured it, or PER_MACHINE
 
     @property
     def length(self) -> str:
@@ -92,6 +101,9 @@ def load_run(client: MlflowClient, name: str, scratch: Path) -> Run:
         metrics=run.data.metrics,
         train=json.loads(files.pop("train").read_text()),
         pictures=files,
+        yardstick=label(run.data.tags["yardstick"])
+        if "yardstick" in run.data.tags
+        else PER_MACHINE,
     )
 
 
@@ -112,24 +124,36 @@ def changed_params(preset: str, logged: dict[str, str]) -> list[str]:
 
 
 def glance_table(runs: list[Run]) -> list[str]:
+    """One row per run, its yardstick beside its FID; one floor row per yardstick, and a note
+    under the table when the FIDs in one column come from different yardsticks."""
     lines = [
-        "| preset | length | train time | FID ↓ | classifier score ↑ | precision ↑ | recall ↑ "
-        "| rarest digit ↑ |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| preset | length | train time | FID ↓ | yardstick | classifier score ↑ | precision ↑ "
+        "| recall ↑ | rarest digit ↑ |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|",
     ]
     for run in runs:
         name = f"[`{run.label}`](#{run.label})"
         m = run.metrics
         lines.append(
-            f"| {name} | {run.length} | {run.minutes} | {m['fid']:.1f} | "
+            f"| {name} | {run.length} | {run.minutes} | {m['fid']:.1f} | `{run.yardstick}` | "
             f"{m['classifier_score']:.2f} | {m['precision']:.2f} | {m['recall']:.2f} | "
             f"{m['min_class_share']:.3f} |"
         )
-    m = runs[0].metrics
-    lines.append(
-        f"| real data (floor) | | | {m['real.fid']:.2f} | {m['real.classifier_score']:.2f} | "
-        f"{m['real.precision']:.2f} | {m['real.recall']:.2f} | {m['real.min_class_share']:.3f} |"
-    )
+    floors = {run.yardstick: run.metrics for run in reversed(runs)}  # the first run's wins
+    for yardstick, m in floors.items():
+        lines.append(
+            f"| real data (floor) | | | {m['real.fid']:.2f} | `{yardstick}` | "
+            f"{m['real.classifier_score']:.2f} | {m['real.precision']:.2f} | "
+            f"{m['real.recall']:.2f} | {m['real.min_class_share']:.3f} |"
+        )
+    if len(floors) > 1:
+        lines += [
+            "",
+            f"**Mixed yardsticks:** FIDs measured by different classifiers ({len(floors)}: "
+            + ", ".join(f"`{y}`" for y in floors)
+            + ") are not comparable across them; compare each row with its own yardstick's "
+            f"floor. `{PER_MACHINE}`: a classifier trained on the machine of that run.",
+        ]
     return lines
 
 
@@ -141,7 +165,7 @@ def section(run: Run, hardware: str) -> list[str]:
         "",
         f"Reproduce: `{run.command}`  ",
         f"Run `{run.name}` (MLflow `{run.run_id[:8]}`): {t['steps']:,} steps ({epochs} epochs) "
-        f"in {run.minutes} on {hardware}.  ",
+        f"in {run.minutes} on {hardware}; measured under yardstick `{run.yardstick}`.  ",
         f"Final epoch: D loss {m['d_loss']:.3f}, G loss {m['g_loss']:.3f}, "
         f"D(x) {m['d_real']:.2f}, D(G(z)) {m['d_fake']:.2f}.",
         "",

@@ -42,6 +42,7 @@ BOOKKEEPING = (
     "params.py",
     "stage.py",
     "tracking.py",
+    "run_logger.py",
     "files.py",
 )
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+import platform
 from datetime import UTC, datetime
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +31,17 @@ from pipeline.images import NUM_CLASSES, SIDE, cycle_labels, to_unit
 from pipeline.inference import Generator, ModelError
 from pipeline.params import ModelParams, Params
 from pipeline.stage import UserError
-from pipeline.tracking import open_run
+from pipeline.tracking import open_run, source_tags
 
 log = logging.getLogger(__name__)
 
 PARITY_BATCH = 64
 PARITY_SEED = 0
 BATCH_SIZES_CHECKED = (1, 257)  # one image, and a batch that is no power of two
+# What the logged MLflow model needs to run (pyfunc: MLflow's ONNX flavour on onnxruntime),
+# pinned to the versions installed from uv.lock. Listed, not inferred: MLflow's inference
+# reads the whole training environment (TensorFlow included) and warns about uv and pip.
+MODEL_PACKAGES = ("mlflow", "onnx", "onnxruntime", "numpy")
 
 
 class ExportError(UserError):
@@ -122,6 +128,17 @@ def export_model(generator: keras.Model, params: Params, out: Path, run_id: str 
     return {"opset": params.export.opset, **report}
 
 
+def model_environment() -> dict[str, Any]:
+    """The logged model's conda.yaml; its pip list is also requirements.txt. Given whole,
+    MLflow infers nothing and looks up no pip version."""
+    pinned = [f"{name}=={version(name)}" for name in MODEL_PACKAGES]
+    return {
+        "name": "mlflow-env",
+        "channels": ["conda-forge"],
+        "dependencies": [f"python={platform.python_version()}", "pip", {"pip": pinned}],
+    }
+
+
 def log_to_mlflow(
     onnx_path: Path, run_file: Path, registered_model: str | None, metrics: dict[str, float]
 ) -> str:
@@ -142,6 +159,8 @@ def log_to_mlflow(
             input_example=example,
             registered_model_name=registered_model,
             onnx_execution_providers=["CPUExecutionProvider"],
+            conda_env=model_environment(),
+            tags=source_tags(),
         )
     log.info("logged %s to MLflow as %s", onnx_path, info.model_uri)
     return info.model_uri

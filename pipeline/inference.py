@@ -172,6 +172,19 @@ class Generator:
         sampled noise (float [n, latent_dim]). Conditional models draw ``digit`` when given,
         else the digits 0..9 in turn, so a 10-column grid shows one class per column.
         """
+        return self.run(self.feeds(n, seed=seed, digit=digit, z=z))
+
+    def feeds(
+        self,
+        n: int,
+        *,
+        seed: int | None = None,
+        digit: int | None = None,
+        z: np.ndarray | None = None,
+    ) -> dict[str, np.ndarray]:
+        """The checked inputs of one :meth:`generate` call (``z`` and, for conditional
+        models, ``label``), so a caller may concatenate several along the first axis and
+        :meth:`run` them at once (the service's dynamic batching)."""
         if not _is_int(n) or not 1 <= n <= self.max_n:
             raise InputError("n", n, f"an integer from 1 to {self.max_n}")
         if seed is not None and (not _is_int(seed) or seed < 0):
@@ -184,6 +197,11 @@ class Generator:
         feeds = {"z": self._check_z(z, n) if z is not None else self.sample_noise(n, seed)}
         if self.conditional:
             feeds["label"] = labels_for(n, digit, self.num_classes)
+        return feeds
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """float32 [N, 28, 28] in [0, 1] for :meth:`feeds` (N = their first axis)."""
+        n = len(feeds["z"])
         try:
             (image,) = self._session.run(["image"], feeds)
         except Exception as exc:  # inputs are valid by now: the graph itself is broken

@@ -1,5 +1,5 @@
-"""Numbers for a generator, all computed from what the MNIST classifier sees (see
-pipeline/classifier.py): pure NumPy/SciPy functions of features and class probabilities.
+"""Numbers for a generator, all computed from what the pinned MNIST classifier sees (see
+pipeline/yardstick.py): pure NumPy/SciPy functions of features and class probabilities.
 
 - classifier score: the Inception score with the MNIST classifier, exp E_x[KL(p(y|x) || p(y))].
   High when each sample is clearly one digit (sharp p(y|x)) and all digits occur (flat

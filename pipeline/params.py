@@ -106,14 +106,6 @@ class MlflowParams(Section):
     experiment: str = Field(min_length=1)
 
 
-class ClassifierParams(Section):
-    # Its own seed: changing the GAN's seed must not retrain (and so move) the yardstick.
-    seed: Annotated[int, Field(ge=0)]
-    epochs: PositiveInt
-    batch_size: PositiveInt
-    limit: PositiveInt | None  # train on the first N images only (tests); null = all 60,000
-
-
 class EvalParams(Section):
     num_samples: Annotated[int, Field(ge=100, le=100_000)]
     seed: Annotated[int, Field(ge=0)]
@@ -141,7 +133,6 @@ class Params(Section):
     loss: LossParams
     train: TrainParams
     mlflow: MlflowParams
-    classifier: ClassifierParams
     eval: EvalParams
     export: ExportParams
     generate: GenerateParams

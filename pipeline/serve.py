@@ -12,8 +12,10 @@ Design choices a reader should know about:
 - The process always starts, even with a missing or broken model: a container that
   crash-loops hides the reason, while ``/readyz`` (503 + reason), ``/generate`` (503) and
   the log all say what is wrong.
-- Every limit rejects at once instead of queueing: too many requests in flight get 429,
-  a body over the limit 413, so a flood cannot make the service hang or run out of memory.
+- Concurrent ``/generate`` requests are batched into shared onnxruntime calls
+  (:mod:`pipeline.serve_batcher`), but every queue is bounded: too many requests in flight
+  get 429 at once, one that waits too long for its batch 503, a body over the limit 413,
+  so a flood cannot make the service hang or run out of memory.
 - Only onnxruntime, numpy and Pillow do the work (via :mod:`pipeline.inference`):
   no TensorFlow import, so the process is ready in well under a second.
 - Requests never name files or models: the model path comes from the operator only.
@@ -29,13 +31,13 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from pipeline.images import NUM_CLASSES
+from pipeline.page import mount_page
 from pipeline.serve_api import (
     BadInputError,
     Health,
@@ -46,8 +48,11 @@ from pipeline.serve_api import (
     Readiness,
     generate,
     generate_responses,
+    parse_query,
+    query_parameters,
     request_models,
 )
+from pipeline.serve_batcher import Batcher, QueueTimeoutError
 from pipeline.serve_logging import configure_logging
 from pipeline.serve_middleware import AccessLog, Limits, reply
 from pipeline.serve_settings import Settings, SettingsError
@@ -64,6 +69,15 @@ def create_app(settings: Settings) -> FastAPI:
     generator = state.generator
     classes = generator.num_classes if generator and generator.conditional else NUM_CLASSES
     latent_dim = generator.latent_dim if generator else None
+    batcher = None
+    if generator is not None and settings.batching:
+        batcher = Batcher(
+            generator,
+            max_batch=settings.max_batch,
+            delay=settings.batch_delay_ms / 1000,
+            max_wait=settings.queue_timeout_ms / 1000,
+            parallel=settings.batch_parallel,
+        )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -79,12 +93,17 @@ def create_app(settings: Settings) -> FastAPI:
         # and the instrumentation costs throughput on small requests.
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
+    app.state.batcher = batcher  # None when batching is off or the model is not loaded
     GenerateQuery, GenerateBody = request_models(settings.max_n, classes, latent_dim)  # noqa: N806
     responses = generate_responses()
 
     @app.exception_handler(NotReadyError)
     async def not_ready(_: Request, error: NotReadyError) -> Response:
         return reply(503, f"model not ready: {error}", {"Retry-After": "5"})
+
+    @app.exception_handler(QueueTimeoutError)
+    async def queue_timeout(_: Request, error: QueueTimeoutError) -> Response:
+        return reply(503, f"busy: {error} (MNIST_GAN_QUEUE_TIMEOUT_MS)", {"Retry-After": "1"})
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, error: RequestValidationError) -> Response:
@@ -102,15 +121,29 @@ def create_app(settings: Settings) -> FastAPI:
         error = {"type": "value_error", "loc": [bad.where, bad.error.field], "msg": str(bad.error)}
         return JSONResponse({"detail": [error]}, status_code=422)
 
-    @app.get("/generate", response_class=Response, responses=responses)
-    async def generate_get(query: Annotated[GenerateQuery, Query()]) -> Response:  # type: ignore[valid-type]
+    # GET parses its query itself (parse_query: faster), so its parameters and its 422 (the
+    # schema FastAPI writes for POST's) are stated here rather than derived by FastAPI.
+    invalid_query = {
+        "description": "Validation Error",
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}
+        },
+    }
+
+    @app.get(
+        "/generate",
+        response_class=Response,
+        responses={**responses, 422: invalid_query},
+        openapi_extra={"parameters": query_parameters(GenerateQuery)},
+    )
+    async def generate_get(request: Request) -> Response:
         """Draw ``n`` digits: a PNG grid, or JSON arrays with ``format=json``."""
-        return await generate(state, "query", query)
+        return await generate(state, "query", parse_query(GenerateQuery, request), batcher)
 
     @app.post("/generate", response_class=Response, responses=responses)
     async def generate_post(body: GenerateBody) -> Response:  # type: ignore[valid-type]
         """As ``GET /generate``, from a JSON body; ``z`` gives the latent vectors explicitly."""
-        return await generate(state, "body", body)
+        return await generate(state, "body", body, batcher)
 
     @app.get("/metadata", responses={503: {"model": Problem}})
     async def metadata() -> Metadata:
@@ -139,6 +172,7 @@ def create_app(settings: Settings) -> FastAPI:
         body = Readiness(ready=ready, reason=state.reason).model_dump()
         return JSONResponse(body, status_code=200 if ready else 503)
 
+    mount_page(app)  # the digits page at / (pipeline/page.py)
     # The last added is the outermost: the access log sees the requests Limits rejects too.
     app.add_middleware(Limits, settings.max_body_bytes, settings.max_concurrency)
     app.add_middleware(AccessLog)

@@ -1,6 +1,6 @@
 """What the service's API says and does, apart from the routes: the request and response
 models (so the OpenAPI schema states every limit), and the work behind ``/generate``
-(seed, explicit ``z``, PNG or JSON rendering).
+(seed, explicit ``z``, batched or not (:mod:`pipeline.serve_batcher`), PNG or JSON rendering).
 
 Only onnxruntime, numpy and Pillow do the work (via :mod:`pipeline.inference`): no
 TensorFlow import anywhere on this path.
@@ -9,17 +9,21 @@ TensorFlow import anywhere on this path.
 import json
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import anyio.to_thread
 import numpy as np
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.images import to_uint8
 from pipeline.inference import Generator, InputError, ModelError, encode_png
+from pipeline.serve_batcher import Batcher
 
 log = logging.getLogger("pipeline.serve")
 
@@ -109,6 +113,33 @@ def request_models(
     return GenerateQuery, GenerateBody
 
 
+def query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
+    """The OpenAPI ``parameters`` of GET's query, from its model: what FastAPI would write
+    for ``Annotated[model, Query()]``, for a route that parses the query itself."""
+    schema = model.model_json_schema()
+    required = set(schema.get("required", []))
+    parameters = []
+    for name, field in schema["properties"].items():
+        parameter = {"name": name, "in": "query", "required": name in required, "schema": field}
+        if "description" in field:
+            parameter["description"] = field["description"]
+        parameters.append(parameter)
+    return parameters
+
+
+def parse_query(model: type[BaseModel], request: Request) -> Any:
+    """``model`` from the query string, with FastAPI's 422 on bad input (same ``loc``).
+
+    Validating with pydantic directly instead of FastAPI's query-model dependency saves
+    most of the per-request framework time on small requests (measured: see the README's
+    HTTP service benchmark); the model and its errors are the same."""
+    try:
+        return model.model_validate(dict(request.query_params))  # repeated key: the last
+    except ValidationError as error:
+        errors = [{**item, "loc": ("query", *item["loc"])} for item in error.errors()]
+        raise RequestValidationError(errors) from None
+
+
 def generate_responses() -> dict[int | str, dict[str, Any]]:
     return {
         200: {
@@ -119,7 +150,11 @@ def generate_responses() -> dict[int | str, dict[str, Any]]:
         400: {"model": Problem, "description": "a body that is not even text (not UTF-8)"},
         413: {"model": Problem, "description": "request body over MNIST_GAN_MAX_BODY_BYTES"},
         429: {"model": Problem, "description": "MNIST_GAN_MAX_CONCURRENCY requests in flight"},
-        503: {"model": Problem, "description": "the model is not loaded (see /readyz)"},
+        503: {
+            "model": Problem,
+            "description": "the model is not loaded (see /readyz), or the request waited "
+            "over MNIST_GAN_QUEUE_TIMEOUT_MS for its batch (Retry-After)",
+        },
     }
 
 
@@ -161,27 +196,53 @@ def render(
     fmt: Format,
     dtype: DType,
 ) -> Response:
+    """Unbatched: one onnxruntime call for this request alone, then :func:`respond`."""
     images = generator.generate(n, seed=seed, digit=digit, z=z)
+    return respond(generator, images, seed, digit, fmt, dtype)
+
+
+def respond(
+    generator: Generator,
+    images: np.ndarray,
+    seed: int,
+    digit: int | None,
+    fmt: Format,
+    dtype: DType,
+) -> Response:
+    """``images`` (float32 [n, 28, 28]) as a PNG grid or JSON arrays."""
+    n = len(images)
     headers = {"X-Seed": str(seed)}
     if fmt == "png":
         png = encode_png(images, generator.columns(n, digit))
         return Response(png, media_type="image/png", headers=headers)
-    pixels = to_uint8(images) if dtype == "uint8" else images
-    body = {
-        "n": n,
-        "shape": list(images.shape),
-        "dtype": dtype,
-        "seed": seed,
-        "digit": digit,
-        "images": pixels.tolist(),
-    }
-    return Response(
-        json.dumps(body, separators=(",", ":")), media_type="application/json", headers=headers
-    )
+    compact = (",", ":")
+    if dtype == "uint8":
+        pixels = json_uint8(to_uint8(images))  # the common case, and the costly one
+    else:
+        pixels = json.dumps(images.tolist(), separators=compact)
+    # The envelope by json, the pixels spliced in: the same text json.dumps(body) makes.
+    fields = {"n": n, "shape": list(images.shape), "dtype": dtype, "seed": seed, "digit": digit}
+    body = json.dumps(fields, separators=compact)[:-1] + f',"images":{pixels}}}'
+    return Response(body, media_type="application/json", headers=headers)
 
 
-async def generate(state: ModelState, where: str, request: Any) -> Response:
-    """Serves GET (``request`` is the query model) and POST (the body model, maybe with z)."""
+_DECIMAL = np.array([str(value) for value in range(256)], dtype=object)
+
+
+def json_uint8(pixels: np.ndarray) -> str:
+    """uint8 [n, h, w] as JSON nested arrays: a table look-up of each byte's decimal text
+    and joins, about 10x faster than json.dumps(pixels.tolist()) (which formats each int
+    anew), and this is most of an n=1 JSON request's own work."""
+    images = _DECIMAL[pixels].tolist()
+    rows = ("[" + ",".join("[" + ",".join(row) + "]" for row in image) + "]" for image in images)
+    return "[" + ",".join(rows) + "]"
+
+
+async def generate(
+    state: ModelState, where: str, request: Any, batcher: Batcher | None = None
+) -> Response:
+    """Serves GET (``request`` is the query model) and POST (the body model, maybe with z);
+    through ``batcher`` when given, so concurrent requests share onnxruntime calls."""
     generator = state.generator
     if generator is None:
         raise NotReadyError(state.reason)
@@ -195,8 +256,32 @@ async def generate(state: ModelState, where: str, request: Any) -> Response:
             n, latent = len(z), np.asarray(z, dtype=np.float32)
         n = DEFAULT_N if n is None else n
         work = (generator, n, seed, request.digit, latent, request.format, request.dtype)
-        if n <= INLINE_MAX_N:
-            return render(*work)
-        return await anyio.to_thread.run_sync(render, *work)
+        if batcher is None:
+            if n <= INLINE_MAX_N:
+                return render(*work)
+            return await anyio.to_thread.run_sync(render, *work)
+        make_feeds, finish = batch_job(*work)
+        return await batcher.generate(n, make_feeds, finish)  # QueueTimeoutError: 503
     except InputError as error:
         raise BadInputError(where, error) from None
+
+
+def batch_job(
+    generator: Generator,
+    n: int,
+    seed: int,
+    digit: int | None,
+    z: np.ndarray | None,
+    fmt: Format,
+    dtype: DType,
+) -> tuple[Callable[[], dict[str, np.ndarray]], Callable[[np.ndarray], Response]]:
+    """A request as the batcher runs it, in its worker thread: this request's own model
+    inputs (the latents its seed or ``z`` stands for, its labels), and its rendering."""
+
+    def make_feeds() -> dict[str, np.ndarray]:
+        return generator.feeds(n, seed=seed, digit=digit, z=z)
+
+    def finish(images: np.ndarray) -> Response:
+        return respond(generator, images, seed, digit, fmt, dtype)
+
+    return make_feeds, finish

@@ -1,5 +1,5 @@
 """The service's two ASGI middlewares: :class:`Limits` (body size and requests in flight,
-rejected at once rather than queued) and :class:`AccessLog` (one structured line per
+beyond the bounds rejected at once) and :class:`AccessLog` (one structured line per
 request).
 
 Both are plain ASGI callables rather than Starlette ``BaseHTTPMiddleware``: they need to see
@@ -29,10 +29,12 @@ def reply(status: int, detail: str, headers: dict[str, str] | None = None) -> Re
 
 
 class Limits:
-    """Rejects instead of queueing: a body over ``max_body_bytes`` gets 413 (checked on the
+    """Bounds what a worker holds: a body over ``max_body_bytes`` gets 413 (checked on the
     declared length, then while reading, for chunked uploads), and ``/generate`` requests
-    beyond ``max_concurrency`` in flight get 429 at once, so a flood gets a quick "retry
-    later" instead of a growing queue, time-outs and memory growth.
+    beyond ``max_concurrency`` in flight (queued for a batch, running or being rendered: so
+    this is also the bound of the batching queue, :mod:`pipeline.serve_batcher`) get 429 at
+    once, so a flood gets a quick "retry later" instead of a growing queue, time-outs and
+    memory growth.
 
     Our own code: Starlette and uvicorn have no body-size limit, and uvicorn's
     ``limit_concurrency`` counts every connection (health checks too) and answers 503."""

@@ -31,8 +31,20 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"  # the container sets 0.0.0.0 explicitly
     port: int = Field(8000, ge=1, le=65535)
     max_n: int = Field(256, ge=1, le=1024)
-    max_concurrency: int = Field(8, ge=1, le=1024)
+    # /generate requests in flight per worker (queued for a batch, running, or being
+    # encoded): the bound of the batching queue. One more gets 429 at once.
+    max_concurrency: int = Field(64, ge=1, le=1024)
     max_body_bytes: int = Field(1 << 20, ge=64, le=64 << 20)
+    # Dynamic batching (pipeline/serve_batcher.py): concurrent requests share one
+    # onnxruntime call of up to max_batch images, formed within batch_delay_ms of the
+    # oldest queued request, up to batch_parallel such calls at once (a single thread
+    # leaves cores idle: the model is compute-bound at a few dozen images); a request
+    # not started within queue_timeout_ms gets 503.
+    batching: bool = True
+    batch_delay_ms: float = Field(2.0, ge=0, le=1000)
+    max_batch: int = Field(128, ge=1, le=4096)
+    batch_parallel: int = Field(2, ge=1, le=64)  # batches running at once (threads)
+    queue_timeout_ms: int = Field(1000, ge=1, le=60_000)
     # Processes, each with its own copy of the model and its own concurrency limit; one
     # event loop saturates one core, so more workers scale the n=1 rate with the cores.
     workers: int = Field(1, ge=1, le=64)
@@ -93,8 +105,11 @@ def _allowed(cls: type[Settings], field: str) -> str:
     info = cls.model_fields[field]
     if field == "log_level":
         return " | ".join(get_args(LogLevel))
+    if info.annotation is bool:
+        return "true | false"
     low = next((m.ge for m in info.metadata if isinstance(m, annotated_types.Ge)), None)
     high = next((m.le for m in info.metadata if isinstance(m, annotated_types.Le)), None)
     if low is not None and high is not None:
-        return f"an integer from {low} to {high}"
+        kind = "an integer" if info.annotation is int else "a number"
+        return f"{kind} from {low} to {high}"
     return f"a {info.annotation.__name__ if info.annotation else 'value'}"

@@ -41,6 +41,7 @@ from pipeline.gan import GAN, METRICS, input_batches, set_up, steps_per_epoch
 from pipeline.images import cycle_labels, sample_latents, tile, to_uint8, to_unit
 from pipeline.mnist import load_split
 from pipeline.params import Params, TrainParams
+from pipeline.run_logger import RunLogger
 from pipeline.stage import UserError
 
 log = logging.getLogger(__name__)
@@ -111,13 +112,10 @@ def train(params: Params, data_dir: Path, out: Outputs) -> dict[str, Any]:
     iterator = input_batches(params, strategy, images, labels, start)
 
     run_name = os.environ.get("DVC_EXP_NAME") or f"{params.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    tags = {
-        "git_commit": tracking.git_commit(),
-        "preset": params.preset,
-        "dvc_experiment": os.environ.get("DVC_EXP_NAME", ""),
-    }
+    tags = {**tracking.provenance_tags(), "preset": params.preset}
     with (
         tracking.start_run(params.mlflow.experiment, run_name, tags, run_id) as run,
+        RunLogger(run) as logger,  # per-epoch logging that outlives a server restart
         stop_signals() as stop,
         tqdm(total=total, initial=start, unit="step", disable=not sys.stderr.isatty()) as bar,
     ):
@@ -143,14 +141,14 @@ def train(params: Params, data_dir: Path, out: Outputs) -> dict[str, Any]:
             if s % per_epoch == 0 or s == total:
                 rows.append(_epoch_row(state.epoch_sums, s, per_epoch, train_p.batch_size))
                 state.history.assign(json.dumps(rows))
-                mlflow.log_metrics(
+                logger.log_metrics(
                     {k: rows[-1][k] for k in HISTORY_COLUMNS[2:]}, step=math.ceil(rows[-1]["epoch"])
                 )
                 bar.set_postfix({k: f"{rows[-1][k]:.3f}" for k in METRICS})
             if s % sample_every == 0 or s == total:
                 grid = samples_dir / f"step_{s:07d}.png"  # what ships: the EMA G when on
                 _save_grid(gan.sample(fixed_z, fixed_labels), model_p.output, grid)
-                mlflow.log_artifact(str(grid), "samples")
+                logger.log_artifact(grid, "samples")
                 if gan.generator_ema is not None:  # the raw G beside it, to see what EMA buys
                     raw = samples_dir / RAW_SAMPLES / grid.name
                     _save_grid(gan.sample(fixed_z, fixed_labels, raw=True), model_p.output, raw)
@@ -159,7 +157,7 @@ def train(params: Params, data_dir: Path, out: Outputs) -> dict[str, Any]:
             if stop:
                 mlflow.end_run("KILLED")
                 raise TrainingInterruptedError(stop[0], s)
-        return _write_outputs(gan, rows, run, samples_dir, out)
+        return _write_outputs(gan, rows, logger, samples_dir, out)
 
 
 def _save_grid(images: np.ndarray, output: str, path: Path) -> None:
@@ -189,7 +187,11 @@ def _epoch_row(sums: tf.Variable, step: int, per_epoch: int, batch: int) -> dict
 
 
 def _write_outputs(
-    gan: GAN, rows: list[dict[str, float]], run: mlflow.ActiveRun, samples_dir: Path, out: Outputs
+    gan: GAN,
+    rows: list[dict[str, float]],
+    logger: RunLogger,
+    samples_dir: Path,
+    out: Outputs,
 ) -> dict[str, Any]:
     """Models, history, metrics and sample grids where DVC and MLflow expect them."""
     _save_model(gan.shipped, out.generator)  # the EMA weights when train.ema_decay > 0
@@ -209,7 +211,7 @@ def _write_outputs(
         train_seconds=float(sum(row["epoch_seconds"] for row in rows)),
     )
     write_json(out.metrics, metrics)
-    mlflow.log_artifact(str(out.history))
-    mlflow.log_artifact(str(out.metrics))
-    write_json(out.run_file, tracking.run_info(run))
+    logger.log_artifact(out.history)
+    logger.log_artifact(out.metrics)
+    write_json(out.run_file, tracking.run_info(logger.run))
     return metrics

@@ -1,5 +1,7 @@
-"""DVC stage: the trained generator in numbers and pictures; writes reports/metrics.json,
-reports/class_shares.csv and reports/plots/, and logs them into the training's MLflow run."""
+"""DVC stage: the exported generator (models/generator.onnx, what users run) in numbers and
+pictures under the pinned yardstick; writes the metrics, the class shares and the plots, and
+logs them into the training's MLflow run. Every path comes from dvc.yaml's cmd (no defaults:
+dvc.yaml is the one map of files). onnxruntime only: this stage never imports TensorFlow."""
 
 from __future__ import annotations
 
@@ -7,23 +9,48 @@ import argparse
 import logging
 from pathlib import Path
 
-from pipeline import stage
+from pipeline import stage, tracking
 from pipeline.params import load_params
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--models", type=Path, default=Path("models"))
-    parser.add_argument("--reports", type=Path, default=Path("reports"))
+    for name, what in [
+        ("params", "params.yaml"),
+        ("generator", "the exported ONNX generator"),
+        ("yardstick", "the pinned classifier (yardstick/classifier.onnx)"),
+        ("data", "the folder of verified MNIST files"),
+        ("run-file", "the training's MLflow run (models/mlflow_run.json)"),
+        ("history", "the training history CSV"),
+        ("samples", "the training's sample grids"),
+        ("metrics", "metrics JSON to write"),
+        ("shares", "class shares CSV to write"),
+        ("plots", "folder of plots to write"),
+    ]:
+        parser.add_argument(f"--{name}", type=Path, required=True, help=what)
     args = parser.parse_args()
-    params = load_params(args.params)  # fail on bad params before importing TF
+    params = load_params(args.params).eval  # fail on bad params before any work
+    tracking.check_server(run_file=args.run_file)
 
-    from pipeline.evaluate import evaluate
+    from pipeline.evaluate import Paths, evaluate
 
-    metrics = evaluate(params.model, params.eval, args.models, args.reports)
+    paths = Paths(
+        generator=args.generator,
+        yardstick=args.yardstick,
+        data=args.data,
+        run_file=args.run_file,
+        history=args.history,
+        samples=args.samples,
+        metrics=args.metrics,
+        shares=args.shares,
+        plots=args.plots,
+    )
+    metrics = evaluate(paths, params)
     logging.getLogger("evaluate").info(
-        "done: fid %.2f (floor %.2f)", metrics["fid"], metrics["real"]["fid"]
+        "done: fid %.2f (floor %.2f) under yardstick %s",
+        metrics["fid"],
+        metrics["real"]["fid"],
+        metrics["yardstick"],
     )
 
 

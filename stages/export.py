@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline import stage
+from pipeline import stage, tracking
 from pipeline.export import export_generator
 from pipeline.params import load_params
 
@@ -20,6 +20,7 @@ def main() -> None:
     parser.add_argument("--report", type=Path, default=Path("reports/export.json"))
     args = parser.parse_args()
     params = load_params(args.params)
+    tracking.check_server(run_file=args.run_file)
     export_generator(args.keras, args.out, args.report, params, args.run_file)
 
 

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline import stage
+from pipeline import stage, tracking
 from pipeline.params import load_params
 
 # The fields of pipeline.train.Outputs, one flag each (read here without importing TF).
@@ -22,6 +22,7 @@ def main() -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", type=Path, required=True)
     args = parser.parse_args()
     params = load_params(args.params)  # fail on bad params before paying for TensorFlow
+    tracking.check_server()  # a wrong MLFLOW_TRACKING_URI fails now, not after training
 
     from pipeline.train import Outputs, TrainingInterruptedError, train
 

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -200,10 +201,11 @@ def dvc() -> Dvc:
     return run_dvc
 
 
-@pytest.fixture
-def repo_copy(tmp_path: Path) -> Path:
-    """A fresh git + DVC copy of this repo's tracked sources, for end-to-end `dvc` runs."""
-    dest = tmp_path / "repo"
+GIT = ["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci"]
+
+
+def copy_repo(dest: Path) -> Path:
+    """A fresh git + DVC repo at ``dest`` holding this repo's tracked sources, committed."""
     files = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
         cwd=REPO,
@@ -216,11 +218,42 @@ def repo_copy(tmp_path: Path) -> Path:
         if source.is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, dest / name)
-    git = ["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci"]
-    subprocess.run([*git, "init", "-q"], cwd=dest, check=True)
-    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
-    subprocess.run([*git, "commit", "-qm", "copy"], cwd=dest, check=True)
+    subprocess.run([*GIT, "init", "-q"], cwd=dest, check=True)
+    subprocess.run([*GIT, "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*GIT, "commit", "-qm", "copy"], cwd=dest, check=True)
     return dest
+
+
+@pytest.fixture
+def repo_copy(tmp_path: Path) -> Path:
+    """A fresh git + DVC copy of this repo's tracked sources, for end-to-end `dvc` runs."""
+    return copy_repo(tmp_path / "repo")
+
+
+@dataclass(frozen=True)
+class SmokePipeline:
+    repo: Path  # a repo copy on the smoke preset, `dvc repro evaluate` done, dvc.lock committed
+    env: dict[str, str]  # what every `dvc` call in it needs: the mirror, its MLflow store
+    tracking_uri: str
+
+
+@pytest.fixture(scope="session")
+def smoke_pipeline(
+    raw_params: dict[str, Any], shared_mnist: Path, tmp_path_factory: pytest.TempPathFactory
+) -> SmokePipeline:
+    """The pipeline up to evaluate (download, train, export, evaluate), run ONCE per
+    session through real DVC: the costly part of the end-to-end tests, shared by them. Tests
+    read it; one that changes a tracked file commits it or puts it back."""
+    root = tmp_path_factory.mktemp("smoke_pipeline")
+    repo = copy_repo(root / "repo")
+    smoke = apply_overrides(raw_params, load_preset("smoke"))
+    (repo / "params.yaml").write_text(yaml.safe_dump(smoke, sort_keys=False))
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    env = {"MNIST_MIRROR": str(shared_mnist), "MLFLOW_TRACKING_URI": uri}
+    run_dvc(repo, "repro", "evaluate", env=env)
+    subprocess.run([*GIT, "add", "params.yaml", "dvc.lock"], cwd=repo, check=True)
+    subprocess.run([*GIT, "commit", "-qm", "smoke run"], cwd=repo, check=True)
+    return SmokePipeline(repo, env, uri)
 
 
 @pytest.fixture(scope="session")

@@ -93,3 +93,20 @@ def test_bad_input_exits_2_with_one_line(
     assert lines[0].startswith("error: ")
     assert expected.format(tmp=tmp_path) in lines[0]
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("name", ["conditional", "unconditional"])
+def test_a_seed_draws_the_same_digits_in_the_cli_and_the_service(
+    tmp_path: Path, onnx_generators: dict[str, Path], name: str
+) -> None:
+    """One sampler (pipeline.images.sample_latents): `--seed 3` here is `?seed=3` there."""
+    from fastapi.testclient import TestClient
+
+    from pipeline.serve import Settings, create_app
+
+    model, out = onnx_generators[name], tmp_path / "three.npy"
+    assert generate("--model", model, "--n", 6, "--seed", 3, "--out", out).returncode == 0
+    with TestClient(create_app(Settings(model=model))) as client:
+        query = {"n": 6, "seed": 3, "format": "json", "dtype": "float32"}
+        served = client.get("/generate", params=query).json()["images"]
+    np.testing.assert_allclose(np.load(out), np.asarray(served, np.float32), rtol=0, atol=1e-6)

@@ -5,6 +5,7 @@ import io
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,12 +36,35 @@ def test_settings_from_env_and_overrides(monkeypatch: pytest.MonkeyPatch) -> Non
         ("MNIST_GAN_MAX_BODY_BYTES", "1e9"),
         ("MNIST_GAN_PORT", "70000"),
         ("MNIST_GAN_LOG_LEVEL", "loud"),
+        ("MNIST_GAN_BATCHING", "maybe"),
+        ("MNIST_GAN_BATCH_DELAY_MS", "-1"),
+        ("MNIST_GAN_QUEUE_TIMEOUT_MS", "0"),
     ],
 )
 def test_invalid_settings_are_named(name: str, value: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(name, value)
     with pytest.raises(SettingsError, match=f"{name}='{value}' is invalid; allowed: "):
         Settings.load()
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "allowed"),
+    [
+        ("MNIST_GAN_BATCHING", "maybe", "true | false"),
+        ("MNIST_GAN_BATCH_DELAY_MS", "-1", "a number from 0 to 1000"),
+        ("MNIST_GAN_MAX_BATCH", "0", "an integer from 1 to 4096"),
+    ],
+)
+def test_batching_settings_say_what_is_allowed(
+    name: str, value: str, allowed: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(name, value)
+    expected = re.escape(f"{name}='{value}' is invalid; allowed: {allowed}") + "$"
+    with pytest.raises(SettingsError, match=expected):
+        Settings.load()
+    monkeypatch.delenv(name)
+    monkeypatch.setenv("MNIST_GAN_BATCHING", "false")  # the off switch
+    assert Settings.load().batching is False
 
 
 def test_invalid_flag_is_named_as_the_flag() -> None:

@@ -5,17 +5,13 @@ from __future__ import annotations
 import json
 import multiprocessing
 import re
-import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.presets import exp_run_args
 from pipeline.stage import UserError
 from pipeline.tracking import experiment_id, open_run, tracking_uri
-
-from conftest import Dvc
 
 
 def test_default_store_is_under_the_dvc_root(
@@ -62,44 +58,3 @@ def test_processes_creating_a_new_store_at_once_share_one_experiment(
     experiment = MlflowClient(uri).get_experiment(ids[0])
     assert experiment.name == "mnist-gan"
     assert experiment.artifact_location == (tmp_path / "mlartifacts" / "mnist-gan").as_uri()
-
-
-@pytest.mark.slow
-def test_queued_experiments_run_in_parallel_and_log_into_the_repo_store(
-    monkeypatch: pytest.MonkeyPatch, repo_copy: Path, shared_mnist: Path, dvc: Dvc
-) -> None:
-    """What `make exp PRESET=... QUEUE=1` + `dvc queue start -j 2` does on a fresh repo: each
-    run works in a temp copy DVC deletes, yet its MLflow run and artifacts stay in the repo."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    env = {"MNIST_MIRROR": str(shared_mnist)}
-    smoke = exp_run_args("smoke", repo_copy / "params.yaml")
-    names = {"smoke-seed-1": "1", "smoke-seed-2": "2"}
-    for name, seed in names.items():
-        dvc(repo_copy, "exp", "run", "--queue", "-n", name, *smoke, "-S", f"seed={seed}", env=env)
-    dvc(repo_copy, "queue", "start", "-j", "2", env=env)
-    try:
-        for _ in range(120):  # 10 minutes at most
-            status = dvc(repo_copy, "queue", "status", env=env).stdout
-            if "Queued" not in status and "Running" not in status:
-                break
-            time.sleep(5)
-    finally:
-        dvc(repo_copy, "queue", "stop", "--kill", env=env, check=False)
-    assert status.count("Success") == len(names), status
-
-    store = repo_copy / "mlflow.db"
-    client = MlflowClient(f"sqlite:///{store}")
-    experiment = client.get_experiment_by_name("mnist-gan")
-    assert experiment.artifact_location == (repo_copy / "mlartifacts" / "mnist-gan").as_uri()
-    runs = {run.info.run_name: run for run in client.search_runs([experiment.experiment_id])}
-    assert set(runs) == set(names)
-    for name, run in runs.items():
-        assert run.data.params["seed"] == names[name]
-        assert {"d_loss", "g_loss", "fid", "precision"} <= set(run.data.metrics)
-        assert len(client.get_metric_history(run.info.run_id, "d_loss")) == 1  # one epoch
-        artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
-        assert artifacts.is_relative_to(repo_copy / "mlartifacts")
-        assert (artifacts / "plots" / "samples.png").is_file()
-    assert not list((repo_copy / ".dvc" / "tmp" / "exps").glob("tmp*"))  # temp copies gone
-    shown = dvc(repo_copy, "exp", "show", "--csv", env=env).stdout
-    assert all(name in shown for name in names)

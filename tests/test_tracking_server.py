@@ -1,0 +1,279 @@
+"""Team tracking for real: PostgreSQL and `mlflow server` started on loopback by the tests
+(scripts/tracking_server.py, what `make tracking-server` runs), a queued DVC sweep logging
+into it, training that outlives a server restart, and wrong tracking URIs failing first."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import mlflow
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from pipeline import compare, run_logger, tracking, ui
+from pipeline.params import apply_overrides
+from pipeline.presets import load_preset
+from pipeline.stage import UserError
+from scripts.tracking_server import PG_BIN, TrackingServer
+
+from conftest import REPO, Dvc, stage_args
+
+# One PostgreSQL + MLflow server per session: every test here on the same pytest-xdist worker.
+pytestmark = pytest.mark.xdist_group("tracking_server")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[TrackingServer]:
+    """PostgreSQL + MLflow server for the whole session, state in a fresh folder."""
+    if not (PG_BIN / "initdb").is_file():
+        installed = subprocess.run(
+            ["bash", str(REPO / "scripts" / "install_postgres.sh")],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        if installed.returncode:
+            pytest.skip(f"PostgreSQL 15 cannot be installed here: {installed.stderr.strip()}")
+    # Under /tmp, not pytest's tmp_path: the postgres user must reach it, and pytest's base
+    # folder is private to root.
+    state = Path(tempfile.mkdtemp(prefix="mnist-gan-tracking-"))
+    state.chmod(0o755)
+    team = TrackingServer(state, port=_free_port(), workers=1)
+    try:
+        team.start()
+        yield team
+    finally:
+        team.stop()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def _stage_env(server: TrackingServer, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": server.uri,
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "PYTHONPATH": str(REPO),
+        **extra,
+    }
+
+
+def test_wrong_tracking_uris_fail_first_with_one_line(
+    server: TrackingServer, tmp_path: Path
+) -> None:
+    """Refused connection (the real train stage, before TensorFlow), a Host header the
+    server does not allow (403), and a scheme that is no store at all."""
+    closed = f"http://127.0.0.1:{_free_port()}"
+    began = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.train",
+         *stage_args("train", tmp_path, params=REPO / "params.yaml", data=tmp_path / "none")],
+        env={**_stage_env(server), "MLFLOW_TRACKING_URI": closed},
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    seconds = time.monotonic() - began
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1, result.stderr
+    assert lines[-1].endswith(
+        f"MLFLOW_TRACKING_URI: no MLflow server answers at {closed} (ConnectionError); start "
+        "one (make tracking-server) or unset MLFLOW_TRACKING_URI for the local mlflow.db"
+    ), result.stderr
+    assert "Traceback" not in result.stderr and "training" not in result.stderr
+    assert not (tmp_path / "models").exists()
+    assert seconds < 120, seconds  # ~6 s of CPU (importing mlflow); no retries, no TF
+
+    # 127.1 is 127.0.0.1 to the socket, but not a Host name the server allows by default
+    forbidden = server.uri.replace("127.0.0.1", "127.1")
+    with pytest.raises(UserError, match=r"answered 403 Forbidden.*'127\.1'.*--allowed-hosts"):
+        tracking.check_server(forbidden)
+    with pytest.raises(UserError, match=r"got 'ftp://127\.0\.0\.1/x'; use http\(s\)://"):
+        tracking.check_server("ftp://127.0.0.1/x")
+    tracking.check_server(server.uri)  # the real one passes
+
+
+def test_run_logger_names_what_a_gone_server_never_got(server: TrackingServer) -> None:
+    """Past the wait bound, what is still queued is named in one error, not silently lost."""
+    client = MlflowClient(server.uri)
+    run = client.create_run(client.create_experiment(f"gone-{time.time_ns()}"))
+    closed = f"http://127.0.0.1:{_free_port()}"  # the server's address once it is gone
+    mlflow.set_tracking_uri(closed)
+    began = time.monotonic()
+    logger = run_logger.RunLogger(run, wait_s=2)  # type: ignore[arg-type]
+    with pytest.raises(run_logger.ServerGoneError) as caught, logger:
+        for epoch in (1, 2, 3, 5):
+            logger.log_metrics({"d_loss": 1.0 / epoch}, step=epoch)
+        logger.log_artifact(REPO / "params.yaml", "samples")
+    assert time.monotonic() - began < 10
+    assert str(caught.value) == (
+        f"MLflow server {closed} unreachable for over 2 s (MNIST_GAN_TRACKING_WAIT_S): not "
+        f"logged to run {run.info.run_id}: metrics of epochs 1-3, 5 and 1 artifacts "
+        "(params.yaml); models, checkpoints and reports are written"
+    )
+
+
+def _wait_for(predicate: Any, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {seconds} s waiting for {what}"
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_training_outlives_a_server_restart(
+    server: TrackingServer, raw_params: dict[str, Any], mnist_dir: Path, tmp_path: Path
+) -> None:
+    """The MLflow server goes away after the first epoch and comes back while the train stage
+    runs: training neither dies nor waits, and the run ends FINISHED with every epoch."""
+    epochs = 60  # ~0.2 s each: training outlasts a server restart on a quiet machine
+    params = apply_overrides(raw_params, {**load_preset("smoke"), "train.epochs": epochs})
+    params["mlflow"]["experiment"] = experiment = f"restart-{time.time_ns()}"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    log_path = tmp_path / "train.log"
+    paths = stage_args("train", tmp_path, params=tmp_path / "params.yaml", data=mnist_dir)
+    command = [sys.executable, "-m", "stages.train", *paths]
+    with log_path.open("w") as log:
+        stage = subprocess.Popen(
+            command,
+            cwd=tmp_path,
+            # a busy machine may take minutes to restart the server: wait for it that long
+            env=_stage_env(server, MNIST_GAN_TRACKING_WAIT_S="400"),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        client = MlflowClient(server.uri)
+
+        def first_epoch_logged() -> bool:
+            found = client.get_experiment_by_name(experiment)
+            runs = client.search_runs([found.experiment_id]) if found else []
+            return bool(runs and "d_loss" in runs[0].data.metrics)
+
+        _wait_for(first_epoch_logged, 240, "the first epoch in the server")
+        server.stop_mlflow()
+        time.sleep(3)
+        server.start_mlflow()
+        back = time.monotonic()
+        stage.wait(timeout=300)
+        after_back = time.monotonic() - back
+    finally:
+        if stage.poll() is None:
+            stage.kill()
+    output = log_path.read_text()
+    assert stage.returncode == 0, output
+    assert re.search(r"unreachable \(\w+\); buffering", output)  # the outage hit a log call
+    # A stall would be MLflow's own retries, ~4 minutes; a loaded machine needs some slack.
+    assert after_back < 180, after_back
+    run_id = json.loads((tmp_path / "models" / "mlflow_run.json").read_text())["run_id"]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run_id, "d_loss")]
+    assert sorted(steps) == list(range(1, epochs + 1))
+    with (tmp_path / "reports" / "train_history.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == epochs
+    assert (tmp_path / "models" / "generator.keras").is_file()
+    samples = {a.path for a in client.list_artifacts(run_id, "samples")}
+    assert len(samples) == epochs  # every grid, through the server's artifact proxy
+
+
+@pytest.mark.slow
+def test_queued_sweep_runs_in_parallel_and_logs_into_the_team_server(
+    server: TrackingServer,
+    repo_copy: Path,
+    shared_mnist: Path,
+    dvc: Dvc,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`make sweep` queues one experiment per value, named after it; `dvc queue start -j 2`
+    runs both in temp copies DVC deletes, and each logs its run, metrics, artifacts and
+    registered ONNX model into the PostgreSQL-backed server, with provenance tags that stay
+    true; `make compare` and `make ui` show the sweep."""
+    env = {"MNIST_MIRROR": str(shared_mnist), "MLFLOW_TRACKING_URI": server.uri}
+    model = "mnist-generator-sweep"
+    names = {"smoke-lr_g-1e-4": 1e-4, "smoke-lr_g-4e-4": 4e-4}
+    sweep = [sys.executable, "-m", "pipeline.sweep", "smoke", "train.lr_g=1e-4,4e-4"]
+    sweep.append(f"export.registered_model={model}")
+    queued = subprocess.run(sweep, cwd=repo_copy, capture_output=True, text=True, timeout=300)
+    assert queued.returncode == 0, queued.stderr
+    baseline = _git(repo_copy, "rev-parse", "HEAD")
+    dvc(repo_copy, "queue", "start", "-j", "2", env=env)
+    try:
+        for _ in range(120):  # 10 minutes at most
+            status = dvc(repo_copy, "queue", "status", env=env).stdout
+            if "Queued" not in status and "Running" not in status:
+                break
+            time.sleep(5)
+    finally:
+        dvc(repo_copy, "queue", "stop", "--kill", env=env, check=False)
+    assert status.count("Success") == 2, status
+
+    client = MlflowClient(server.uri)
+    experiment = client.get_experiment_by_name("mnist-gan")
+    assert experiment.artifact_location.startswith("mlflow-artifacts:")  # served by the server
+    runs = client.search_runs([experiment.experiment_id])
+    assert {run.info.run_name: float(run.data.params["train.lr_g"]) for run in runs} == names
+    for run in runs:
+        # Provenance that outlives DVC's temp copy: no path into it, the baseline commit,
+        # the experiment's own git ref (which exists once the run is done), clean code.
+        tags = run.data.tags
+        assert tags["mlflow.source.name"] == "stages/train.py"
+        assert tags["git_commit"] == tags["mlflow.source.git.commit"] == baseline
+        assert tags["git_dirty"] == "false", tags["git_changed"]
+        assert tags["dvc_experiment"] == run.info.run_name
+        assert _git(repo_copy, "rev-parse", f"{tags['dvc_experiment_ref']}^") == baseline
+        (logged,) = client.search_logged_models(
+            [experiment.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"
+        )
+        assert logged.tags["mlflow.source.name"] == "stages/export.py"
+        assert run.info.status == "FINISHED"
+        assert {"d_loss", "g_loss", "fid", "precision", "export_parity_max_abs_diff"} <= set(
+            run.data.metrics
+        ), run.data.metrics
+        assert len(client.get_metric_history(run.info.run_id, "d_loss")) == 1  # one epoch
+        assert "samples.png" in {a.path.rsplit("/", 1)[-1] for a in
+                                 client.list_artifacts(run.info.run_id, "plots")}  # fmt: skip
+    versions = client.search_model_versions(f"name='{model}'")
+    assert sorted(v.run_id for v in versions) == sorted(run.info.run_id for run in runs)
+    assert list((server.state / "artifacts").rglob("samples.png"))  # stored by the server
+    assert not list((repo_copy / ".dvc" / "tmp" / "exps").glob("tmp*"))  # temp copies gone
+    assert not (repo_copy / "mlflow.db").exists()  # nothing went to the local store
+
+    # `make compare` from DVC's real JSON: fits 120 columns; the swept param, then the
+    # headline metrics.
+    text = compare.table(json.loads(dvc(repo_copy, "exp", "show", "--json", env=env).stdout), 120)
+    assert max(map(len, text.splitlines())) <= 120, text
+    header = text.splitlines()[0].split()
+    assert header[:2] == ["Experiment", "lr_g"], text
+    assert header[-len(compare.HEADLINE) :] == list(compare.HEADLINE), text
+    assert {line.split()[0] for line in text.splitlines()[1:]} >= set(names), text
+
+    # `make ui`'s links: the experiment's runs page, and the Compare page of this sweep.
+    monkeypatch.chdir(repo_copy)
+    runs_link, sweep_link = ui.links("http://127.0.0.1:5000", server.uri, "mnist-gan")
+    assert runs_link.endswith(f"/#/experiments/{experiment.experiment_id}/runs")
+    assert all(quote(run.info.run_id) in sweep_link for run in runs)
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=repo, capture_output=True, text=True, check=True
+    ).stdout.strip()
