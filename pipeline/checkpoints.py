@@ -70,7 +70,7 @@ def new_checkpoint(gan: GAN, metrics: int) -> tuple[tf.train.Checkpoint, LoopSta
         epoch_sums=tf.Variable(tf.zeros([metrics + 2], tf.float64)),
         history=tf.Variable("[]"),
     )
-    checkpoint = tf.train.Checkpoint(
+    objects = dict(
         generator=gan.generator,
         discriminator=gan.discriminator,
         g_opt=gan.g_opt,
@@ -80,7 +80,9 @@ def new_checkpoint(gan: GAN, metrics: int) -> tuple[tf.train.Checkpoint, LoopSta
         epoch_sums=state.epoch_sums,
         history=state.history,
     )
-    return checkpoint, state
+    if gan.generator_ema is not None:  # a key of its own; absent when off, as before
+        objects["generator_ema"] = gan.generator_ema
+    return tf.train.Checkpoint(**objects), state
 
 
 def write_stamp(directory: Path, digest: str, run_id: str | None) -> None:

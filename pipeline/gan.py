@@ -141,6 +141,9 @@ class GAN:
             self.g_opt.build(self.generator.trainable_variables)
             self.d_opt.build(self.discriminator.trainable_variables)
             self.rng = tf.random.Generator.from_seed(params.seed)
+            # The average of G's weights (None when off: no extra variable, op or RNG draw).
+            self.ema_decay = params.train.ema_decay
+            self.generator_ema = _copy(self.generator, params) if self.ema_decay else None
         # Over several replicas the noise is drawn once per step for the global batch, outside
         # the replicas, and each takes its rows: inside, tf.random.Generator gives every
         # replica its own stream, so results would depend on the number of replicas.
@@ -222,6 +225,8 @@ class GAN:
             if self.shared_noise:  # drawn here, in cross-replica context: one stream
                 args = (*args, self.draws(self.global_batch))
             per_replica = self.strategy.run(self._step, args=args)
+            if self.generator_ema is not None:
+                self._update_ema()
             metrics = tf.stack(
                 [self.strategy.reduce("SUM", per_replica[key], axis=None) for key in METRICS]
             )
@@ -231,8 +236,31 @@ class GAN:
             done += 1
         return sums, done
 
-    def sample(self, z: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        return self.generator(self._with_label(z, labels), training=False).numpy()
+    def _update_ema(self) -> None:
+        """ema <- decay * ema + (1 - decay) * weights, after the step (cross-replica context,
+        so every replica's copy gets the same value). All weights, so BatchNorm statistics
+        are averaged too."""
+        assert self.generator_ema is not None
+        for average, weight in zip(self.generator_ema.weights, self.generator.weights, strict=True):
+            average.assign(self.ema_decay * average + (1.0 - self.ema_decay) * weight)
+
+    @property
+    def shipped(self) -> keras.Model:
+        """The generator train writes and samples: the EMA one when it is on."""
+        return self.generator if self.generator_ema is None else self.generator_ema
+
+    def sample(self, z: np.ndarray, labels: np.ndarray, raw: bool = False) -> np.ndarray:
+        """Images from the shipped generator, or from the raw one when ``raw``."""
+        net = self.generator if raw else self.shipped
+        return net(self._with_label(z, labels), training=False).numpy()
+
+
+def _copy(generator: keras.Model, params: Params) -> keras.Model:
+    """A second generator starting from the same weights (its own init is overwritten)."""
+    copy = build_generator(params.model)
+    for target, source in zip(copy.weights, generator.weights, strict=True):
+        target.assign(source)
+    return copy
 
 
 def _adam(train: TrainParams, lr: float) -> keras.optimizers.Optimizer:

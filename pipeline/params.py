@@ -83,6 +83,9 @@ class TrainParams(Section):
     lr_d: PositiveFloat
     beta1: Beta
     beta2: Beta
+    # Exponential moving average of the generator's weights, updated after every step; the
+    # average is what train writes as the generator. 0 = off (no extra ops: bit-identical).
+    ema_decay: Beta
     strategy: Literal["auto", "default", "mirrored", "multi_worker"]
     jit_compile: bool
     mixed_precision: bool  # only takes effect on a GPU

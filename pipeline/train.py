@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 HISTORY_COLUMNS = ("epoch", "step", *METRICS, "epoch_seconds", "images_per_s")
 GRID_PAD = 2  # white gaps between the digits of a sample grid make them readable
+RAW_SAMPLES = "raw"  # with train.ema_decay > 0: the raw generator's grids, in this subfolder
 
 
 class TrainingDivergedError(UserError, RuntimeError):
@@ -133,6 +134,8 @@ def _train(
     digest = checkpoint_digest(params)
     manager, run_id = open_checkpoints(checkpoint, ckpt_dir, digest)
     samples_dir.mkdir(exist_ok=True)
+    if gan.generator_ema is not None:
+        (samples_dir / RAW_SAMPLES).mkdir(exist_ok=True)
     rows: list[dict[str, float]] = json.loads(state.history.numpy())
     side = train_p.sample_grid
     fixed_z = sample_latents(model_p.noise, side * side, model_p.latent_dim, params.seed)
@@ -176,9 +179,12 @@ def _train(
                 )
                 bar.set_postfix({k: f"{rows[-1][k]:.3f}" for k in METRICS})
             if s % sample_every == 0 or s == total:
-                grid = samples_dir / f"step_{s:07d}.png"
+                grid = samples_dir / f"step_{s:07d}.png"  # what ships: the EMA G when on
                 _save_grid(gan.sample(fixed_z, fixed_labels), model_p.output, grid)
                 logger.log_artifact(grid, "samples")
+                if gan.generator_ema is not None:  # the raw G beside it, to see what EMA buys
+                    raw = samples_dir / RAW_SAMPLES / grid.name
+                    _save_grid(gan.sample(fixed_z, fixed_labels, raw=True), model_p.output, raw)
             if s % checkpoint_every == 0 or s == total or stop:
                 manager.save(checkpoint_number=s)
             if stop:
@@ -221,7 +227,7 @@ def _write_outputs(
     out: Outputs,
 ) -> dict[str, Any]:
     """Models, history, metrics and sample grids where DVC and MLflow expect them."""
-    _save_model(gan.generator, out.generator)
+    _save_model(gan.shipped, out.generator)  # the EMA weights when train.ema_decay > 0
     _save_model(gan.discriminator, out.discriminator)
     with atomic_path(out.history) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=HISTORY_COLUMNS)

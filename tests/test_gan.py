@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -39,3 +41,50 @@ def test_every_loss_and_architecture_trains(
     assert int(done) == 2 and np.isfinite(sums.numpy()).all()
     after = [net.get_weights()[0] for net in (gan.generator, gan.discriminator)]
     assert all(not np.array_equal(b, a) for b, a in zip(before, after, strict=True))
+
+
+def _ema_gan(smoke_params: Params, decay: float) -> GAN:
+    keras.utils.set_random_seed(smoke_params.seed)  # the same initial weights every time
+    params = smoke_params.model_copy(
+        update={"train": smoke_params.train.model_copy(update={"ema_decay": decay})}
+    )
+    return GAN(params, tf.distribute.get_strategy())
+
+
+def _batches(params: Params, mnist_dir: Path) -> Any:
+    images, labels = load_split(mnist_dir, "train")
+    return iter(make_dataset(images, labels, 64, params.model.output, params.seed, limit=512))
+
+
+def test_ema_tracks_the_generator_weights_as_decay_says(
+    smoke_params: Params, mnist_dir: Path
+) -> None:
+    """ema starts as a copy of G, then ema <- d * ema + (1 - d) * w after every step."""
+    decay, gan = 0.75, _ema_gan(smoke_params, 0.75)
+    assert gan.generator_ema is not None and gan.shipped is gan.generator_ema
+    expected = gan.generator.get_weights()
+    np.testing.assert_array_equal(gan.generator_ema.get_weights()[0], expected[0])
+    batches = _batches(smoke_params, mnist_dir)
+    for _ in range(3):  # one step per block, so the weights after each step can be read
+        gan.train_block(batches, tf.constant(1))
+        weights = gan.generator.get_weights()
+        expected = [decay * e + (1 - decay) * w for e, w in zip(expected, weights, strict=True)]
+        assert not np.allclose(expected[0], weights[0])  # it lags behind: a real average
+    for want, got in zip(expected, gan.generator_ema.get_weights(), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_ema_off_adds_nothing_and_on_leaves_the_training_unchanged(
+    smoke_params: Params, mnist_dir: Path
+) -> None:
+    """decay 0: no average, G itself ships. decay > 0: G and D take exactly the same steps
+    (the average only reads them), so it can be switched on without changing a run."""
+    off, on = _ema_gan(smoke_params, 0.0), _ema_gan(smoke_params, 0.9)
+    assert off.generator_ema is None and off.shipped is off.generator
+    for gan in (off, on):
+        gan.train_block(_batches(smoke_params, mnist_dir), tf.constant(3))
+    for net in ("generator", "discriminator"):
+        for a, b in zip(
+            getattr(off, net).get_weights(), getattr(on, net).get_weights(), strict=True
+        ):
+            np.testing.assert_array_equal(a, b)

@@ -62,6 +62,12 @@ def test_out_of_range_names_the_bound(raw_params: dict[str, Any]) -> None:
     assert "greater than 0" in message
 
 
+def test_ema_decay_of_one_is_refused(raw_params: dict[str, Any]) -> None:
+    # decay 1 would never move the average off G's initial weights: an untrained model.
+    message = refuse(raw_params, {"train.ema_decay": 1.0})
+    assert "train.ema_decay: got 1.0" in message and "less than 1" in message
+
+
 def test_bad_choice_lists_what_is_allowed(raw_params: dict[str, Any]) -> None:
     message = refuse(raw_params, {"loss.kind": "wasserstein"})
     assert "loss.kind: got 'wasserstein'" in message

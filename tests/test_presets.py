@@ -57,6 +57,7 @@ def test_seed_preset_matches_recipe(raw_params: dict[str, Any], name: str) -> No
     flat = parse_params(apply_overrides(raw_params, load_preset(name))).flat()
     assert {key: flat[key] for key in RECIPES[name]} == RECIPES[name]
     assert flat["model.conditional"] is False and flat["model.latent_dim"] == 100
+    assert flat["train.ema_decay"] == 0.0  # the recipes predate weight averaging
 
 
 @pytest.mark.parametrize("name", preset_names())

@@ -125,7 +125,9 @@ def _stage(params: Path, mnist: Path, out: Path, env: dict[str, str]) -> subproc
 def test_sigkill_then_rerun_is_bit_identical(
     smoke_params: Params, mnist_dir: Path, tmp_path: Path, mlflow_store: str
 ) -> None:
-    params = _write_params(smoke_params, tmp_path / "params.yaml", epochs=12)
+    # With the EMA of G on: the superset of the state (its average is checkpointed too, under
+    # its own key), and generator.keras is then that average.
+    params = _write_params(smoke_params, tmp_path / "params.yaml", epochs=12, ema_decay=0.9)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     reference = tmp_path / "reference"  # uninterrupted, in this process
     train(load_params(params), mnist_dir, train_outputs(reference))
@@ -138,15 +140,20 @@ def test_sigkill_then_rerun_is_bit_identical(
     victim.send_signal(signal.SIGKILL)
     assert victim.wait(timeout=60) == -signal.SIGKILL, "finished before it could be killed"
     assert not (out / "models" / "generator.keras").exists()
+    saved = [name for name, _ in tf.train.list_variables(str(index.with_suffix("")))]
+    assert any(name.startswith("generator_ema/") for name in saved)
 
     resumed = _stage(params, mnist_dir, out, env)
     log = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, log
     assert "resuming from" in log
-    expected = keras.models.load_model(reference / "models" / "generator.keras")
-    actual = keras.models.load_model(out / "models" / "generator.keras")
-    for want, got in zip(expected.get_weights(), actual.get_weights(), strict=True):
-        np.testing.assert_array_equal(got, want)  # bit-identical, not approximately equal
+    for net in ("generator", "discriminator"):
+        expected = keras.models.load_model(reference / "models" / f"{net}.keras")
+        actual = keras.models.load_model(out / "models" / f"{net}.keras")
+        for want, got in zip(expected.get_weights(), actual.get_weights(), strict=True):
+            np.testing.assert_array_equal(got, want)  # bit-identical, not approximately equal
+    raw_grids = sorted(path.name for path in (out / "reports" / "samples" / "raw").iterdir())
+    assert len(raw_grids) == 12  # the raw G's grid beside each EMA one
 
 
 MIRRORED = """
