@@ -141,7 +141,13 @@ class TrackingServer:
         with log_path.open("ab") as log:
             # its own process group: stopping it takes its uvicorn workers along
             self.mlflow_proc = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                # MLflow 3's server-side job runner (a dozen huey consumers, for GenAI
+                # features) costs a core at start-up and serves nothing this pipeline logs.
+                env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
             )
         (self.state / "mlflow.pid").write_text(str(self.mlflow_proc.pid))
         deadline = time.monotonic() + HEALTH_WAIT_S
