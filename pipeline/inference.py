@@ -60,7 +60,7 @@ def _short(value: Any) -> str:
     if isinstance(value, np.ndarray):
         return f"array of shape {list(value.shape)} and dtype {value.dtype}"
     text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    return text if len(text) <= 200 else text[:197] + "..."  # room for a whole file path
 
 
 def _first_line(exc: Exception) -> str:
