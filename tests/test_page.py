@@ -15,7 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from pipeline.images import sample_latents
-from pipeline.page import PAGE_FILES, WEB_DIR, SiteError, build_site
+from pipeline.page import ORT_FILES, PAGE_FILES, WEB_DIR, SiteError, build_site
 from pipeline.page import main as page_main
 from pipeline.serve import Settings, create_app
 
@@ -124,8 +124,12 @@ def test_build_site_refuses_bad_inputs_before_writing(
     assert not out.exists()
     a_file = tmp_path / "a-file"
     a_file.write_text("")
+    dist = tmp_path / "dist"  # a runtime in place, whether or not `npm ci` ran here
+    dist.mkdir()
+    for name in ORT_FILES:
+        (dist / name).write_text("")
     with pytest.raises(SiteError, match="is not a folder"):
-        build_site(onnx_generators["conditional"], a_file)
+        build_site(onnx_generators["conditional"], a_file, ort_dist=dist)
 
 
 def test_make_web_cli_names_the_bad_model(
