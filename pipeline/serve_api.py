@@ -9,7 +9,6 @@ TensorFlow import anywhere on this path.
 import json
 import logging
 import secrets
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -187,18 +186,28 @@ class BadInputError(Exception):
         self.error = error
 
 
-def render(
-    generator: Generator,
-    n: int,
-    seed: int,
-    digit: int | None,
-    z: np.ndarray | None,
-    fmt: Format,
-    dtype: DType,
-) -> Response:
-    """Unbatched: one onnxruntime call for this request alone, then :func:`respond`."""
-    images = generator.generate(n, seed=seed, digit=digit, z=z)
-    return respond(generator, images, seed, digit, fmt, dtype)
+@dataclass(frozen=True)
+class Job:
+    """One request's work, as the batcher or a plain call runs it: its own model inputs (the
+    latents its seed or ``z`` stands for, its labels) and its rendering."""
+
+    generator: Generator
+    n: int
+    seed: int
+    digit: int | None
+    z: np.ndarray | None
+    fmt: Format
+    dtype: DType
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        return self.generator.feeds(self.n, seed=self.seed, digit=self.digit, z=self.z)
+
+    def respond(self, images: np.ndarray) -> Response:
+        return respond(self.generator, images, self.seed, self.digit, self.fmt, self.dtype)
+
+    def render(self) -> Response:
+        """Unbatched: one onnxruntime call for this request alone."""
+        return self.respond(self.generator.run(self.feeds()))
 
 
 def respond(
@@ -255,33 +264,11 @@ async def generate(
                 raise InputError("n", n, f"omitted, or len(z) = {len(z)}")
             n, latent = len(z), np.asarray(z, dtype=np.float32)
         n = DEFAULT_N if n is None else n
-        work = (generator, n, seed, request.digit, latent, request.format, request.dtype)
+        job = Job(generator, n, seed, request.digit, latent, request.format, request.dtype)
         if batcher is None:
             if n <= INLINE_MAX_N:
-                return render(*work)
-            return await anyio.to_thread.run_sync(render, *work)
-        make_feeds, finish = batch_job(*work)
-        return await batcher.generate(n, make_feeds, finish)  # QueueTimeoutError: 503
+                return job.render()
+            return await anyio.to_thread.run_sync(job.render)
+        return await batcher.generate(n, job.feeds, job.respond)  # QueueTimeoutError: 503
     except InputError as error:
         raise BadInputError(where, error) from None
-
-
-def batch_job(
-    generator: Generator,
-    n: int,
-    seed: int,
-    digit: int | None,
-    z: np.ndarray | None,
-    fmt: Format,
-    dtype: DType,
-) -> tuple[Callable[[], dict[str, np.ndarray]], Callable[[np.ndarray], Response]]:
-    """A request as the batcher runs it, in its worker thread: this request's own model
-    inputs (the latents its seed or ``z`` stands for, its labels), and its rendering."""
-
-    def make_feeds() -> dict[str, np.ndarray]:
-        return generator.feeds(n, seed=seed, digit=digit, z=z)
-
-    def finish(images: np.ndarray) -> Response:
-        return respond(generator, images, seed, digit, fmt, dtype)
-
-    return make_feeds, finish
