@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -177,25 +178,26 @@ def test_smoke_pipeline_reports_every_metric_into_the_training_run(
     dvc(repo_copy, "plots", "show", "--out", str(tmp_path / "html"), env=env)
     html = (tmp_path / "html" / "index.html").read_text()
     assert "training.gif" in html and "d_loss" in html
-    params_file = repo_copy / "params.yaml"
-    committed = params_file.read_text()
-    smoke = yaml.safe_load(committed)
-    smoke["eval"]["knn_k"] = 5
-    params_file.write_text(yaml.safe_dump(smoke, sort_keys=False))
-    try:
-        status = dvc(repo_copy, "status", env=env).stdout
-    finally:
-        params_file.write_text(committed)  # the shared run stays as committed
+
+    def status_after(path: Path, edit: Callable[[str], str]) -> str:
+        """`dvc status` with ``path`` edited; the shared run stays as committed."""
+        committed = path.read_text()
+        path.write_text(edit(committed))
+        try:
+            return dvc(repo_copy, "status", env=env).stdout
+        finally:
+            path.write_text(committed)
+
+    def knn_5(text: str) -> str:
+        smoke = yaml.safe_load(text)
+        smoke["eval"]["knn_k"] = 5
+        return yaml.safe_dump(smoke, sort_keys=False)
+
+    status = status_after(repo_copy / "params.yaml", knn_5)
     assert "evaluate:" in status
     assert "train:" not in status and "export:" not in status
 
     # Editing the downloader (a retry, a log line) changes no stage that does not run it.
-    downloader = repo_copy / "pipeline" / "download.py"
-    source = downloader.read_text()
-    downloader.write_text(source + "\n# an edit\n")
-    try:
-        status = dvc(repo_copy, "status", env=env).stdout
-    finally:
-        downloader.write_text(source)  # the shared run stays as committed
+    status = status_after(repo_copy / "pipeline" / "download.py", lambda text: text + "\n# edit\n")
     assert "download:" in status
     assert "train:" not in status and "export:" not in status
