@@ -1,63 +1,120 @@
-"""Training throughput: this trainer (a whole epoch inside one ``tf.function``) against the
-plain per-batch loop of the TensorFlow DCGAN tutorial (a ``tf.function`` train_step called
-from Python per batch), on the seed001 net, in one process, on the same data.
+"""Training throughput against the plain per-batch loop and the machine's roofline, measured
+so that a noisy machine cannot flip the verdict.
 
-    python -m bench.train_throughput --epochs 3 [--data data] [--xla]
+    python -m bench.train_throughput [--nets seed001,default] [--rounds 5] [--epochs 2]
+                                     [--images 30000] [--data ../shared/mnist] [--xla]
 
-Prints a Markdown table of images/s (median over the timed epochs, after one warm-up epoch
-each, which pays for tracing) and the speed-up over the plain loop.
+Variants, each in a fresh process (TensorFlow fixes its thread pools at start-up):
+
+- **plain**: the TensorFlow DCGAN tutorial's loop: a ``tf.function`` step called from Python
+  per batch, Keras' Adam and cross-entropy, TensorFlow's default threads, no op determinism.
+  The reference.
+- **trainer**: ``pipeline.train.train`` as ``dvc repro`` runs it: the preset's params,
+  checkpoints, sample grids and MLflow on (a temp SQLite store); the rate is the one its
+  own history records per epoch.
+- **trainer, shards=1**: the same with each batch computed in one piece (what sharding buys).
+- **trainer + XLA** (``--xla``): ``train.jit_compile=true``.
+
+Protocol: ``--rounds`` rounds; each runs every variant once, in an order rotated per round;
+each run times ``--epochs`` epochs after one warm-up epoch. Per variant: the median and the
+best epoch over all rounds, each against the plain loop's median and best. CPU busy is the
+process' CPU time per wall second during the timed epochs, out of all cores.
+
+Roofline: each dense layer's GEMM is timed alone at the net's batch with TensorFlow's matmul,
+and weighted by the GEMMs of that layer one training iteration runs (forward, weight and
+input gradients of the D and the G step). Timed on all cores, and on one thread (times the
+cores: one GEMM stream per core, as if perfectly parallel); the faster is the roofline.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import csv
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
-import keras
-import tensorflow as tf
-
-from pipeline.dataset import make_dataset
-from pipeline.gan import GAN
-from pipeline.images import from_uint8
-from pipeline.mnist import load_split
-from pipeline.models import build_discriminator, build_generator
-from pipeline.params import Params, load_params
-from pipeline.presets import load_preset
-
-PRESET = "seed001"
 REPO_ROOT = Path(__file__).resolve().parent.parent
+CORES = len(os.sched_getaffinity(0))
+VARIANTS: dict[str, dict[str, Any] | None] = {  # name -> the trainer's overrides (None: plain)
+    "plain per-batch loop (reference)": None,
+    "trainer (as users run it)": {},
+    "trainer, train.shards=1": {"train.shards": 1},
+}
+XLA = ("trainer + XLA (train.jit_compile=true)", {"train.jit_compile": True})
 
 
-def seed001_params(**train: object) -> Params:
-    params = load_params(REPO_ROOT / "params.yaml", load_preset(PRESET))
-    return params.model_copy(update={"train": params.train.model_copy(update=train)})
+def load(net: str, overrides: dict[str, Any]) -> Any:
+    from pipeline.params import load_params
+    from pipeline.presets import load_preset
+
+    return load_params(REPO_ROOT / "params.yaml", {**load_preset(net), **overrides})
 
 
-def plain_loop(params: Params, images: tf.Tensor) -> Callable[[], int]:
-    """The tutorial's structure: Python iterates the batches, one graph call per batch."""
+class CpuBusy:
+    """CPU time per wall second, out of all cores, over the timed intervals only."""
+
+    def __init__(self) -> None:
+        self.cpu = self.wall = 0.0
+
+    @contextlib.contextmanager
+    def timed(self) -> Iterator[None]:
+        began = os.times()
+        yield
+        ended = os.times()
+        self.cpu += ended.user + ended.system - began.user - began.system
+        self.wall += ended.elapsed - began.elapsed
+
+    @property
+    def share(self) -> float:
+        return self.cpu / self.wall / CORES
+
+
+def plain_rates(params: Any, data: Path, epochs: int, busy: CpuBusy) -> list[float]:
+    """The tutorial's structure, on the preset's nets: Python iterates the batches."""
+    import keras
+    import tensorflow as tf
+
+    from pipeline.images import from_uint8
+    from pipeline.mnist import load_split
+    from pipeline.models import build_discriminator, build_generator
+
     model, train = params.model, params.train
+    images, labels = load_split(data, "train")
+    images, labels = images[: params.data.limit], labels[: params.data.limit].astype("int32")
     generator, discriminator = build_generator(model), build_discriminator(model)
     g_opt = keras.optimizers.Adam(train.lr_g, beta_1=train.beta1, beta_2=train.beta2)
     d_opt = keras.optimizers.Adam(train.lr_d, beta_1=train.beta1, beta_2=train.beta2)
     bce = keras.losses.BinaryCrossentropy(from_logits=True)
     smooth = 1.0 - params.loss.label_smoothing
     dataset = (
-        tf.data.Dataset.from_tensor_slices(images)
+        tf.data.Dataset.from_tensor_slices((from_uint8(images, model.output), labels))
         .shuffle(len(images), seed=params.seed)
         .batch(train.batch_size, drop_remainder=True)
         .prefetch(tf.data.AUTOTUNE)
     )
 
+    def inputs(x: tf.Tensor, y: tf.Tensor) -> Any:
+        return [x, y] if model.conditional else x
+
     @tf.function
-    def train_step(real: tf.Tensor) -> None:
-        noise = tf.random.uniform([train.batch_size, model.latent_dim], -1.0, 1.0)
+    def train_step(real: tf.Tensor, label: tf.Tensor) -> None:
+        shape = [train.batch_size, model.latent_dim]
+        uniform = model.noise == "uniform"
+        noise = tf.random.uniform(shape, -1.0, 1.0) if uniform else tf.random.normal(shape)
         with tf.GradientTape() as g_tape, tf.GradientTape() as d_tape:
-            fake = generator(noise, training=True)
-            real_out = discriminator(real, training=True)
-            fake_out = discriminator(fake, training=True)
+            fake = generator(inputs(noise, label), training=True)
+            real_out = discriminator(inputs(real, label), training=True)
+            fake_out = discriminator(inputs(fake, label), training=True)
             g_loss = bce(tf.ones_like(fake_out), fake_out)
             d_loss = bce(smooth * tf.ones_like(real_out), real_out)
             d_loss += bce(tf.zeros_like(fake_out), fake_out)
@@ -65,68 +122,167 @@ def plain_loop(params: Params, images: tf.Tensor) -> Callable[[], int]:
         g_opt.apply(g_tape.gradient(g_loss, g_vars), g_vars)
         d_opt.apply(d_tape.gradient(d_loss, d_vars), d_vars)
 
-    def epoch() -> int:
-        steps = 0
-        for batch in dataset:
-            train_step(batch)
-            steps += 1
-        return steps * train.batch_size
-
-    return epoch
-
-
-def epoch_in_graph(params: Params, images: object, labels: object) -> Callable[[], int]:
-    """This trainer: one ``train_block`` call per epoch."""
-    gan = GAN(params, tf.distribute.get_strategy())
-    per_epoch = len(images) // params.train.batch_size
-    dataset = make_dataset(
-        images, labels, params.train.batch_size, params.model.output, params.seed, epochs=None
-    )
-    iterator = iter(dataset)
-
-    def epoch() -> int:
-        _, done = gan.train_block(iterator, tf.constant(per_epoch))
-        return int(done) * params.train.batch_size
-
-    return epoch
-
-
-def images_per_s(epoch: Callable[[], int], epochs: int) -> float:
-    epoch()  # warm-up: tracing and the first pass of tf.data
     rates = []
-    for _ in range(epochs):
-        began = time.perf_counter()
-        count = epoch()
+    for epoch in range(1 + epochs):  # the first pays for tracing
+        began, count = time.perf_counter(), 0
+        with busy.timed() if epoch else contextlib.nullcontext():
+            for real, label in dataset:
+                train_step(real, label)
+                count += train.batch_size
         rates.append(count / (time.perf_counter() - began))
-    return statistics.median(rates)
+    return rates[1:]
+
+
+def trainer_rates(params: Any, data: Path, epochs: int, busy: CpuBusy) -> list[float]:
+    from pipeline.gan import GAN
+    from pipeline.train import Outputs, train
+
+    block, calls = GAN.train_block, [0]
+
+    def timed_block(gan: GAN, *args: Any) -> Any:  # CPU busy over the blocks after the first
+        calls[0] += 1
+        with busy.timed() if calls[0] > 1 else contextlib.nullcontext():
+            return block(gan, *args)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        os.environ.update(MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}", DVC_ROOT=tmp)
+        out = Outputs(
+            generator=root / "generator.keras", discriminator=root / "discriminator.keras",
+            checkpoints=root / "checkpoints", run_file=root / "run.json",
+            samples=root / "samples", history=root / "history.csv", metrics=root / "metrics.json",
+        )  # fmt: skip
+        out.checkpoints.mkdir()
+        with mock.patch.object(GAN, "train_block", timed_block):
+            train(params, data, out)
+        with out.history.open() as handle:
+            rows = list(csv.DictReader(handle))
+        return [float(row["images_per_s"]) for row in rows[1:]]  # after the warm-up epoch
+
+
+def roofline(net: str, threads: int) -> float:
+    """Seconds of GEMM per training image at the measured matmul rate of each layer (MLP
+    nets: the only ones whose GEMMs this counts)."""
+    import keras
+    import tensorflow as tf
+
+    from pipeline.models import build_discriminator, build_generator
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    params = load(net, {})
+    batch, seconds = params.train.batch_size, 0.0
+    for build, first_count, other_count in ((build_generator, 3, 4), (build_discriminator, 6, 8)):
+        layers = build(params.model).layers
+        kernels = [layer.kernel for layer in layers if isinstance(layer, keras.layers.Dense)]
+        for index, kernel in enumerate(kernels):
+            count = first_count if index == 0 else other_count
+            seconds += count * gemm_seconds(batch, *kernel.shape) / batch
+    return seconds
+
+
+def gemm_seconds(m: int, k: int, n: int, repeat: int = 200) -> float:
+    import tensorflow as tf
+
+    a, b = tf.random.normal([m, k]), tf.random.normal([k, n])
+
+    @tf.function
+    def many() -> tf.Tensor:
+        total = tf.zeros([m, n])
+        for _ in tf.range(repeat):
+            total += tf.matmul(a, b)
+        return total
+
+    many().numpy()
+    best = float("inf")
+    for _ in range(5):
+        began = time.perf_counter()
+        many().numpy()
+        best = min(best, (time.perf_counter() - began) / repeat)
+    return best
+
+
+def worker(args: argparse.Namespace) -> dict[str, Any]:
+    """One measurement, in this process."""
+    if args.worker == "roofline":
+        return {"seconds_per_image": roofline(args.net, args.threads)}
+    overrides = json.loads(args.worker)
+    plain = overrides.pop("plain", False)
+    overrides.update({"data.limit": args.images, "train.epochs": 1 + args.epochs})
+    params = load(args.net, overrides)
+    busy = CpuBusy()
+    rates = (plain_rates if plain else trainer_rates)(params, args.data, args.epochs, busy)
+    return {"rates": rates, "cpu": busy.share}
+
+
+def measure(args: argparse.Namespace, *worker_args: str) -> dict[str, Any]:
+    """Run ``worker`` in a fresh Python process and return what it measured."""
+    command = [sys.executable, "-m", "bench.train_throughput", "--data", str(args.data),
+               "--images", str(args.images), "--epochs", str(args.epochs),
+               *worker_args]  # fmt: skip
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def report(args: argparse.Namespace, net: str, variants: dict[str, Any]) -> None:
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    busy: dict[str, list[float]] = {name: [] for name in variants}
+    names = list(variants)
+    for round_ in range(args.rounds):
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            spec = variants[name]
+            result = measure(args, "--net", net, "--worker", json.dumps(spec or {"plain": True}))
+            rates[name] += result["rates"]
+            busy[name].append(result["cpu"])
+            print(f"  {net} round {round_ + 1}: {name}: {[round(r) for r in result['rates']]}",
+                  file=sys.stderr)  # fmt: skip
+
+    def ceiling(threads: int) -> float:  # images/s if the GEMMs ran at the measured rate
+        seconds = measure(args, "--net", net, "--worker", "roofline", "--threads", str(threads))
+        return CORES / threads / seconds["seconds_per_image"]
+
+    all_cores, per_core = ceiling(CORES), ceiling(1)
+    roof = max(all_cores, per_core)
+    params = load(net, {})
+    print(f"\n**{net}** net, batch {params.train.batch_size}, {args.images:,} images an epoch, "
+          f"{args.rounds} rounds x {args.epochs} epochs per variant. Roofline {roof:,.0f} "
+          f"images/s, the faster of TF matmul on all {CORES} cores ({all_cores:,.0f}) and one "
+          f"single-threaded GEMM stream per core ({per_core:,.0f})\n")  # fmt: skip
+    print("| variant | median img/s | best img/s | x plain (median) | x plain (best) "
+          "| roofline (median) | CPU busy |\n|---|---:|---:|---:|---:|---:|---:|")  # fmt: skip
+    base = rates[names[0]]
+    for name in names:
+        median, best = statistics.median(rates[name]), max(rates[name])
+        print(f"| {name} | {median:,.0f} | {best:,.0f} | {median / statistics.median(base):.2f}x "
+              f"| {best / max(base):.2f}x | {median / roof:.0%} "
+              f"| {statistics.median(busy[name]):.0%} |")  # fmt: skip
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per variant")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--nets", default="seed001,default", help="presets whose nets to time")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=2, help="timed epochs per run")
+    parser.add_argument("--images", type=int, default=30_000, help="images per epoch")
     parser.add_argument("--data", type=Path, default=REPO_ROOT / "data")
-    parser.add_argument("--xla", action="store_true", help="also time jit_compile=True")
+    parser.add_argument("--xla", action="store_true", help="also time train.jit_compile=true")
+    parser.add_argument("--net", help=argparse.SUPPRESS)  # the worker's arguments
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    tf.config.experimental.enable_op_determinism()  # as pipeline.gan.configure_devices does on CPU
-    keras.utils.set_random_seed(0)
-    images, labels = load_split(args.data, "train")
-    params = seed001_params()
-    rows = [("plain per-batch loop (tf.function step)", images_per_s(
-        plain_loop(params, tf.constant(from_uint8(images, params.model.output))), args.epochs
-    ))]  # fmt: skip
-    rows.append(("epoch in one tf.function (this trainer)", images_per_s(
-        epoch_in_graph(params, images, labels), args.epochs
-    )))  # fmt: skip
+    args.data = args.data.resolve()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    variants = dict(VARIANTS)
     if args.xla:
-        rows.append(("  + XLA (train.jit_compile=true)", images_per_s(
-            epoch_in_graph(seed001_params(jit_compile=True), images, labels), args.epochs
-        )))  # fmt: skip
-    base = rows[0][1]
-    print(f"\nseed001 net, batch {params.train.batch_size}, {args.epochs} timed epochs each, "
-          f"{len(images)} images/epoch\n")  # fmt: skip
-    print("| loop | images/s | s/epoch | speed-up |\n|---|---:|---:|---:|")
-    for name, rate in rows:
-        print(f"| {name} | {rate:,.0f} | {len(images) / rate:.2f} | {rate / base:.2f}x |")
+        variants[XLA[0]] = XLA[1]
+    for net in args.nets.split(","):
+        report(args, net, variants)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,15 @@ log = logging.getLogger(__name__)
 # resumed input stream starts; models/losses the maths; images/dataset/mnist the pixels fed
 # in. Every other module the train stage runs is BOOKKEEPING, and tests/test_layout.py checks
 # that the two lists cover the stage's whole import graph, so a new import has to be placed.
-SOURCES = ("gan.py", "models.py", "losses.py", "images.py", "dataset.py", "mnist.py")
+SOURCES = (
+    "gan.py",
+    "models.py",
+    "losses.py",
+    "optimizers.py",
+    "images.py",
+    "dataset.py",
+    "mnist.py",
+)
 # train.py only decides where blocks end (a block boundary changes no step: the SIGKILL
 # resume test checks it), what is logged and where outputs go; this module stores and
 # restores state and computes none; the rest validate, log and write files.

@@ -49,7 +49,12 @@ def make_dataset(
 
     def epoch_batches(epoch: tf.Tensor) -> tf.data.Dataset:
         order = tf.argsort(tf.random.stateless_uniform([count], tf.stack([seed, epoch])))
-        return tf.data.Dataset.from_tensor_slices(order).batch(batch_size, drop_remainder=True)
+        # One element per batch (not per image, then batched): tf.data's per-element work
+        # would otherwise take CPU time from the training step on a small machine.
+        steps = count // batch_size
+        return tf.data.Dataset.from_tensor_slices(
+            tf.reshape(order[: steps * batch_size], [steps, batch_size])
+        )
 
     def gather(index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         batch = tf.cast(tf.gather(pixels, index), tf.float32)[..., None] / 255.0
@@ -60,6 +65,6 @@ def make_dataset(
         tf.data.Dataset.range(first_epoch, last)
         .flat_map(epoch_batches)
         .skip(skip_batches)
-        .map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        .prefetch(tf.data.AUTOTUNE)
+        .map(gather)
+        .prefetch(2)
     )

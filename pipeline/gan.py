@@ -6,7 +6,11 @@ and ``train_step`` returns a dict of named losses. What differs is speed: Keras'
 a Python loop around a ``tf.function`` step) returns to Python after every batch, which on
 small nets costs as much as the maths. Here ``train_block`` runs a whole epoch (or the steps
 up to the next sample/checkpoint) inside one ``tf.function`` that pulls batches from a
-``tf.data`` iterator, so Python wakes up once per block.
+``tf.data`` iterator, so Python wakes up once per block. Within a step, each batch is
+computed as ``train.shards`` independent slices whose gradients are summed: TensorFlow runs
+them side by side, one core each on CPU, where one op of a net this small cannot use two
+cores. D judges real and fake images in one call, and Adam updates each variable in one
+kernel (``FusedAdam``): fewer, bigger ops, because per-op overhead is what limits the step.
 
 Determinism: one ``seed`` sets the weight init, the noise stream (a ``tf.random.Generator``
 whose state is checkpointed) and each epoch's shuffle order (a pure function of (seed,
@@ -19,6 +23,8 @@ change anything here and old checkpoints are no longer resumed.
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -28,6 +34,7 @@ import tensorflow as tf
 from pipeline.dataset import make_dataset
 from pipeline.losses import discriminator_loss, generator_loss, gradient_penalty
 from pipeline.models import build_discriminator, build_generator, sample_noise
+from pipeline.optimizers import adam
 from pipeline.params import Params, TrainParams
 
 log = logging.getLogger(__name__)
@@ -36,14 +43,26 @@ METRICS = ("d_loss", "g_loss", "d_real", "d_fake")  # what train_step returns, i
 
 
 def configure_devices(train: TrainParams) -> None:
-    """Op determinism (bit-identical resume) on CPU; mixed precision only where it pays."""
+    """Threads, op determinism (bit-identical resume) and mixed precision, before TensorFlow's
+    runtime starts."""
     on_gpu = bool(tf.config.list_physical_devices("GPU"))
     if on_gpu and train.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
     elif train.mixed_precision:
         log.info("train.mixed_precision ignored: no GPU")
-    if not on_gpu:  # on GPU deterministic kernels cost speed; a GPU run resumes, not bit-exactly
-        tf.config.experimental.enable_op_determinism()
+    if on_gpu:  # deterministic GPU kernels cost speed; a GPU run resumes, not bit-exactly
+        return
+    tf.config.experimental.enable_op_determinism()
+    if train.shards > 1:
+        # The shards are independent subgraphs: TF's inter-op threads run them on different
+        # cores, one thread per op. Ops this small gain little from two threads each, while
+        # the hand-offs between threads cost more than the maths (bench/train_throughput.py).
+        cores = len(os.sched_getaffinity(0))
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(max(1, cores // train.shards))
+            tf.config.threading.set_inter_op_parallelism_threads(min(cores, train.shards))
+        except RuntimeError:  # a second run in one process (tests): its pools are fixed
+            log.info("TensorFlow already started: thread pools left as they are")
 
 
 def pick_strategy(name: str) -> tf.distribute.Strategy:
@@ -66,10 +85,12 @@ def set_up(params: Params) -> tf.distribute.Strategy:
     configure_devices(train)
     keras.utils.set_random_seed(params.seed)
     strategy = pick_strategy(train.strategy)
-    if train.batch_size % strategy.num_replicas_in_sync:
+    parts = strategy.num_replicas_in_sync * train.shards
+    if train.batch_size % parts:
         raise ValueError(
-            f"train.batch_size: got {train.batch_size}; must be a multiple of the "
-            f"{strategy.num_replicas_in_sync} replicas of strategy {train.strategy!r}"
+            f"train.batch_size: got {train.batch_size}; must be a multiple of "
+            f"{parts} ({strategy.num_replicas_in_sync} replicas of strategy "
+            f"{train.strategy!r} x train.shards {train.shards})"
         )
     log.info("strategy %s with %d replicas", type(strategy).__name__, strategy.num_replicas_in_sync)
     return strategy
@@ -131,12 +152,12 @@ class GAN:
 
     def __init__(self, params: Params, strategy: tf.distribute.Strategy) -> None:
         self.model, self.loss, self.strategy = params.model, params.loss, strategy
-        self.global_batch = params.train.batch_size
+        self.global_batch, self.shards = params.train.batch_size, params.train.shards
         with strategy.scope():
             self.generator = build_generator(params.model)
             self.discriminator = build_discriminator(params.model)
-            self.g_opt = _adam(params.train, params.train.lr_g)
-            self.d_opt = _adam(params.train, params.train.lr_d)
+            self.g_opt = adam(params.train, params.train.lr_g)
+            self.d_opt = adam(params.train, params.train.lr_d)
             # Built now, so a checkpoint restores into existing slots (no deferred restore).
             self.g_opt.build(self.generator.trainable_variables)
             self.d_opt.build(self.discriminator.trainable_variables)
@@ -155,8 +176,8 @@ class GAN:
         return [x, labels] if self.model.conditional else x
 
     def _mean(self, per_example: tf.Tensor) -> tf.Tensor:
-        # Divide by the global batch: summed over replicas, this is the batch mean.
-        return tf.nn.compute_average_loss(per_example, global_batch_size=self.global_batch)
+        # Divide by the global batch: summed over shards and replicas, this is the batch mean.
+        return tf.reduce_sum(per_example) / tf.cast(self.global_batch, per_example.dtype)
 
     def draws(self, batch: tf.Tensor | int) -> list[tf.Tensor]:
         """Every random draw of one step, in the order the step uses them: per critic step
@@ -174,7 +195,7 @@ class GAN:
     ) -> dict[str, tf.Tensor]:
         """One D (x d_steps) and G update on ``real``. ``shared``: the global batch's draws
         (several replicas), of which this replica takes its rows, as of the batch."""
-        g, d, kind = self.generator, self.discriminator, self.loss.kind
+        g, d = self.generator, self.discriminator
         n = tf.shape(real)[0]
         if shared is None:
             noise = iter(self.draws(n))
@@ -182,38 +203,63 @@ class GAN:
             first = tf.distribute.get_replica_context().replica_id_in_sync_group * n
             noise = iter([x[first : first + n] for x in shared])
         for _ in range(self.loss.d_steps):  # critic steps per generator step (unrolled)
-            z = next(noise)
-            with tf.GradientTape() as tape:
-                fake = g(self._with_label(z, labels), training=True)
-                real_logits = d(self._with_label(real, labels), training=True)
-                fake_logits = d(self._with_label(fake, labels), training=True)
-                per_example = discriminator_loss(
-                    kind, real_logits, fake_logits, self.loss.label_smoothing
-                )
-                if kind == "wgan_gp":
-                    eps = next(noise)
-                    critic = lambda x: d(self._with_label(x, labels), training=True)  # noqa: E731
-                    penalty = gradient_penalty(critic, real, fake, eps)
-                    per_example += self.loss.gp_weight * penalty
-                d_loss = self._mean(per_example)
-                scaled = self.d_opt.scale_loss(d_loss)  # loss scaling under mixed precision
-            grads = tape.gradient(scaled, d.trainable_variables)
+            batch = [real, labels, next(noise)]
+            if self.loss.kind == "wgan_gp":
+                batch.append(next(noise))  # the penalty's mixing weights
+            grads, (d_loss, d_real, d_fake) = self._gradients(
+                self._d_losses, d.trainable_variables, self.d_opt, batch
+            )
             self.d_opt.apply(grads, d.trainable_variables)
-        z = next(noise)
-        with tf.GradientTape() as tape:
-            # D judges in inference mode here: its dropout regularises D's own updates, while
-            # G learns from the whole discriminator.
-            logits = d(self._with_label(g(self._with_label(z, labels), training=True), labels))
-            g_loss = self._mean(generator_loss(kind, logits))
-            scaled = self.g_opt.scale_loss(g_loss)
-        grads = tape.gradient(scaled, g.trainable_variables)
+        grads, (g_loss,) = self._gradients(
+            self._g_losses, g.trainable_variables, self.g_opt, [labels, next(noise)]
+        )
         self.g_opt.apply(grads, g.trainable_variables)
-        return {
-            "d_loss": d_loss,
-            "g_loss": g_loss,
-            "d_real": self._mean(tf.reshape(tf.sigmoid(real_logits), [-1])),
-            "d_fake": self._mean(tf.reshape(tf.sigmoid(fake_logits), [-1])),
-        }
+        return {"d_loss": d_loss, "g_loss": g_loss, "d_real": d_real, "d_fake": d_fake}
+
+    def _d_losses(
+        self, real: tf.Tensor, labels: tf.Tensor, z: tf.Tensor, *eps: tf.Tensor
+    ) -> tuple[tf.Tensor, ...]:
+        """D's loss on a batch, and the mean of D's outputs on real and on fake images. One
+        D call judges real and fake together: half the ops of two calls."""
+        g, d, kind = self.generator, self.discriminator, self.loss.kind
+        fake = g(self._with_label(z, labels), training=True)
+        both = self._with_label(tf.concat([real, fake], 0), tf.concat([labels, labels], 0))
+        real_logits, fake_logits = tf.split(d(both, training=True), 2)
+        per_example = discriminator_loss(kind, real_logits, fake_logits, self.loss.label_smoothing)
+        if kind == "wgan_gp":
+            critic = lambda x: d(self._with_label(x, labels), training=True)  # noqa: E731
+            per_example += self.loss.gp_weight * gradient_penalty(critic, real, fake, eps[0])
+        return (
+            self._mean(per_example),
+            self._mean(tf.sigmoid(real_logits)),
+            self._mean(tf.sigmoid(fake_logits)),
+        )
+
+    def _g_losses(self, labels: tf.Tensor, z: tf.Tensor) -> tuple[tf.Tensor]:
+        # D judges in inference mode here: its dropout regularises D's own updates, while
+        # G learns from the whole discriminator.
+        fake = self.generator(self._with_label(z, labels), training=True)
+        logits = self.discriminator(self._with_label(fake, labels))
+        return (self._mean(generator_loss(self.loss.kind, logits)),)
+
+    def _gradients(
+        self,
+        losses: Callable[..., tuple[tf.Tensor, ...]],
+        variables: list[Any],
+        optimizer: keras.optimizers.Optimizer,
+        batch: list[tf.Tensor],
+    ) -> tuple[list[tf.Tensor], list[tf.Tensor]]:
+        """Gradients of ``losses(*batch)[0]`` and the summed ``losses``, computed over
+        ``train.shards`` row slices of ``batch``. Each loss is a sum over the global batch
+        divided by its size, so the slices' gradients add up to the batch's."""
+        grads, totals = [], []
+        for part in zip(*(tf.split(x, self.shards) for x in batch), strict=True):
+            with tf.GradientTape() as tape:
+                values = losses(*part)
+                scaled = optimizer.scale_loss(values[0])  # loss scaling under mixed precision
+            grads.append(tape.gradient(scaled, variables))
+            totals.append(values)
+        return _sums(grads), _sums(totals)
 
     @tf.function
     def train_block(self, iterator: Any, steps: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -263,8 +309,7 @@ def _copy(generator: keras.Model, params: Params) -> keras.Model:
     return copy
 
 
-def _adam(train: TrainParams, lr: float) -> keras.optimizers.Optimizer:
-    adam = keras.optimizers.Adam(lr, beta_1=train.beta1, beta_2=train.beta2)
-    if keras.mixed_precision.global_policy().name == "mixed_float16":
-        return keras.optimizers.LossScaleOptimizer(adam)
-    return adam
+def _sums(parts: list[Any]) -> list[tf.Tensor]:
+    """Element-wise sums of equal-length lists of tensors, in a fixed order."""
+    columns = zip(*parts, strict=True)
+    return [tf.add_n(list(column)) if len(column) > 1 else column[0] for column in columns]

@@ -24,8 +24,10 @@ KINDS = ("minimax", "non_saturating", "wgan_gp", "hinge")
 
 
 def _bce(logits: tf.Tensor, target: float) -> tf.Tensor:
+    """Cross-entropy of sigmoid(logits) against ``target``: -t log s(x) - (1 - t) log(1 - s(x))
+    = softplus(x) - t x, in two ops (TF's sigmoid_cross_entropy_with_logits takes eight)."""
     logits = tf.reshape(logits, [-1])
-    return tf.nn.sigmoid_cross_entropy_with_logits(tf.fill(tf.shape(logits), target), logits)
+    return tf.nn.softplus(logits) - target * logits if target else tf.nn.softplus(logits)
 
 
 def discriminator_loss(

@@ -87,6 +87,9 @@ class TrainParams(Section):
     # average is what train writes as the generator. 0 = off (no extra ops: bit-identical).
     ema_decay: Beta
     strategy: Literal["auto", "default", "mirrored", "multi_worker"]
+    # Each (replica's) batch is computed as this many independent parts whose gradients are
+    # summed: the same maths on any machine; on CPU each part gets its own core.
+    shards: Annotated[int, Field(ge=1, le=64)]
     jit_compile: bool
     mixed_precision: bool  # only takes effect on a GPU
     checkpoint_every: PositiveInt
@@ -98,6 +101,14 @@ class TrainParams(Section):
         if (self.epochs is None) == (self.steps is None):
             raise ValueError(
                 f"set exactly one of epochs or steps (got epochs={self.epochs}, steps={self.steps})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _shards_divide_the_batch(self) -> TrainParams:
+        if self.batch_size % self.shards:
+            raise ValueError(
+                f"shards: got {self.shards}; must divide batch_size ({self.batch_size})"
             )
         return self
 

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from pipeline.dataset import make_dataset
-from pipeline.gan import GAN
+from pipeline.gan import GAN, FusedAdam
 from pipeline.mnist import load_split
 from pipeline.params import Params
 
@@ -88,3 +88,42 @@ def test_ema_off_adds_nothing_and_on_leaves_the_training_unchanged(
             getattr(off, net).get_weights(), getattr(on, net).get_weights(), strict=True
         ):
             np.testing.assert_array_equal(a, b)
+
+
+def _gan_with(smoke_params: Params, **train: Any) -> GAN:
+    keras.utils.set_random_seed(smoke_params.seed)  # the same initial weights every time
+    params = smoke_params.model_copy(update={"train": smoke_params.train.model_copy(update=train)})
+    return GAN(params, tf.distribute.get_strategy())
+
+
+@pytest.mark.parametrize("shards", [2, 4])
+def test_shards_compute_the_same_steps_as_one_batch(
+    smoke_params: Params, mnist_dir: Path, shards: int
+) -> None:
+    """train.shards splits each batch into independent parts (one core each on CPU) and sums
+    their gradients: the same maths as one batch, up to float rounding."""
+    whole, split = _gan_with(smoke_params, shards=1), _gan_with(smoke_params, shards=shards)
+    initial = whole.generator.get_weights()[0].copy()
+    sums = [gan.train_block(_batches(smoke_params, mnist_dir), tf.constant(3))[0].numpy()
+            for gan in (whole, split)]  # fmt: skip
+    np.testing.assert_allclose(sums[1], sums[0], rtol=1e-4)
+    assert not np.allclose(whole.generator.get_weights()[0], initial)  # three real steps
+    for net in ("generator", "discriminator"):
+        for a, b in zip(
+            getattr(whole, net).get_weights(), getattr(split, net).get_weights(), strict=True
+        ):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_adam_takes_keras_adams_steps() -> None:
+    """FusedAdam (one kernel per variable) follows Keras' Adam, bias correction included."""
+    rng = np.random.default_rng(0)
+    start, grads = rng.normal(size=(64, 32)), [rng.normal(size=(64, 32)) for _ in range(5)]
+    weights = []
+    for optimizer in (FusedAdam(1e-2, beta_1=0.5), keras.optimizers.Adam(1e-2, beta_1=0.5)):
+        variable = keras.Variable(start.astype("float32"))
+        for grad in grads:
+            optimizer.apply([tf.constant(grad, tf.float32)], [variable])
+        weights.append(variable.numpy())
+    assert not np.allclose(weights[0], start, atol=1e-2)  # five steps of 1e-2 moved it
+    np.testing.assert_allclose(weights[0], weights[1], rtol=1e-5, atol=1e-6)

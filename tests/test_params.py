@@ -135,3 +135,8 @@ def test_stage_exits_nonzero_before_any_work(tmp_path: Path, raw_params: dict[st
     assert "less than or equal to 10" in result.stderr
     assert "Traceback" not in result.stderr
     assert not out.exists()
+
+
+def test_shards_that_do_not_divide_the_batch_are_refused(raw_params: dict[str, Any]) -> None:
+    message = refuse(raw_params, {"train.shards": 3, "train.batch_size": 128})
+    assert "shards: got 3; must divide batch_size (128)" in message
