@@ -15,6 +15,9 @@ Variants, each in a fresh process (TensorFlow fixes its thread pools at start-up
 - **trainer, shards=1**: the same with each batch computed in one piece (what sharding buys).
 - **trainer + XLA** (``--xla``): ``train.jit_compile=true``.
 
+``--gpu-check`` (``bench/gpu_check.sh``) instead runs, once each on a GPU, the plain loop and
+the trainer with XLA and mixed precision on and off, and adds the peak GPU memory.
+
 Protocol: ``--rounds`` rounds; each runs every variant once, in an order rotated per round;
 each run times ``--epochs`` epochs after one warm-up epoch. Per variant: the median and the
 best epoch over all rounds, each against the plain loop's median and best. CPU busy is the
@@ -205,6 +208,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     """One measurement, in this process."""
     if args.worker == "roofline":
         return {"seconds_per_image": roofline(args.net, args.threads)}
+    if args.worker == "gpu":
+        return {"runs": gpu_runs(args)}
     overrides = json.loads(args.worker)
     plain = overrides.pop("plain", False)
     overrides.update({"data.limit": args.images, "train.epochs": 1 + args.epochs})
@@ -212,6 +217,45 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     busy = CpuBusy()
     rates = (plain_rates if plain else trainer_rates)(params, args.data, args.epochs, busy)
     return {"rates": rates, "cpu": busy.share}
+
+
+GPU_VARIANTS: dict[str, dict[str, Any] | None] = {  # --gpu-check: one process per net
+    "plain per-batch loop (reference)": None,
+    "trainer": {},
+    "trainer + XLA": {"train.jit_compile": True},
+    "trainer + mixed precision": {"train.mixed_precision": True},
+    "trainer + XLA + mixed precision": {"train.jit_compile": True, "train.mixed_precision": True},
+}
+
+
+def gpu_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every GPU variant on one net, one after the other in this process (on a GPU no thread
+    pool is fixed at start-up), with the peak GPU memory of each."""
+    import keras
+    import tensorflow as tf
+
+    gpu = bool(tf.config.list_logical_devices("GPU"))  # also starts the runtime
+    results = []
+    for name, overrides in GPU_VARIANTS.items():
+        keras.mixed_precision.set_global_policy("float32")  # a previous variant's policy
+        if gpu:
+            tf.config.experimental.reset_memory_stats("GPU:0")
+        spec = {"plain": True} if overrides is None else overrides
+        result = worker(argparse.Namespace(**{**vars(args), "worker": json.dumps(spec)}))
+        peak = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20 if gpu else None
+        results.append({"name": name, **result, "peak_mb": peak})
+    return results
+
+
+def gpu_report(args: argparse.Namespace) -> None:
+    print(
+        "| net | variant | images/s | s/epoch (60k) | peak GPU memory |\n|---|---|---:|---:|---:|"
+    )
+    for net in args.nets.split(","):
+        for row in measure(args, "--net", net, "--worker", "gpu")["runs"]:
+            rate = statistics.median(row["rates"])
+            peak = "-" if row["peak_mb"] is None else f"{row['peak_mb']:,.0f} MiB"
+            print(f"| {net} | {row['name']} | {rate:,.0f} | {60_000 / rate:.2f} | {peak} |")
 
 
 def measure(args: argparse.Namespace, *worker_args: str) -> dict[str, Any]:
@@ -270,6 +314,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=30_000, help="images per epoch")
     parser.add_argument("--data", type=Path, default=REPO_ROOT / "data")
     parser.add_argument("--xla", action="store_true", help="also time train.jit_compile=true")
+    parser.add_argument(
+        "--gpu-check", action="store_true", help="GPU matrix: XLA, mixed precision (one run)"
+    )
     parser.add_argument("--net", help=argparse.SUPPRESS)  # the worker's arguments
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
@@ -277,6 +324,9 @@ def main() -> None:
     args.data = args.data.resolve()
     if args.worker:
         print(json.dumps(worker(args)))
+        return
+    if args.gpu_check:
+        gpu_report(args)
         return
     variants = dict(VARIANTS)
     if args.xla:
