@@ -21,7 +21,9 @@ the trainer with XLA and mixed precision on and off, and adds the peak GPU memor
 Protocol: ``--rounds`` rounds; each runs every variant once, in an order rotated per round;
 each run times ``--epochs`` epochs after one warm-up epoch. Per variant: the median and the
 best epoch over all rounds, each against the plain loop's median and best. CPU busy is the
-process' CPU time per wall second during the timed epochs, out of all cores.
+process' CPU time per wall second during the timed epochs, out of all cores (median over
+the rounds); steal is the largest share of the machine's CPU time the hypervisor gave to
+other guests during one run's timed epochs (a shared VM's noise, which no code controls).
 
 Roofline: each dense layer's GEMM is timed alone at the net's batch with TensorFlow's matmul,
 and weighted by the GEMMs of that layer one training iteration runs (forward, weight and
@@ -64,22 +66,34 @@ def load(net: str, overrides: dict[str, Any]) -> Any:
 
 
 class CpuBusy:
-    """CPU time per wall second, out of all cores, over the timed intervals only."""
+    """Over the timed intervals only: this process' CPU time per wall second out of all
+    cores, and the share of the machine's CPU time the hypervisor gave to other guests
+    (steal, from /proc/stat): what makes a shared VM's epochs slow for no reason of ours."""
 
     def __init__(self) -> None:
-        self.cpu = self.wall = 0.0
+        self.cpu = self.wall = self.steal = self.total = 0.0
 
     @contextlib.contextmanager
     def timed(self) -> Iterator[None]:
-        began = os.times()
+        began, ticks = os.times(), _cpu_ticks()
         yield
-        ended = os.times()
+        ended, now = os.times(), _cpu_ticks()
         self.cpu += ended.user + ended.system - began.user - began.system
         self.wall += ended.elapsed - began.elapsed
+        self.steal += now[STEAL] - ticks[STEAL]
+        self.total += sum(now) - sum(ticks)
 
     @property
-    def share(self) -> float:
-        return self.cpu / self.wall / CORES
+    def shares(self) -> dict[str, float]:
+        return {"cpu": self.cpu / self.wall / CORES, "steal": self.steal / max(self.total, 1)}
+
+
+STEAL = 7  # the 8th number of /proc/stat's "cpu" line
+
+
+def _cpu_ticks() -> list[int]:
+    with Path("/proc/stat").open() as stat:
+        return [int(value) for value in stat.readline().split()[1:]]
 
 
 def plain_rates(params: Any, data: Path, epochs: int, busy: CpuBusy) -> list[float]:
@@ -216,7 +230,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     params = load(args.net, overrides)
     busy = CpuBusy()
     rates = (plain_rates if plain else trainer_rates)(params, args.data, args.epochs, busy)
-    return {"rates": rates, "cpu": busy.share}
+    return {"rates": rates, **busy.shares}
 
 
 GPU_VARIANTS: dict[str, dict[str, Any] | None] = {  # --gpu-check: one process per net
@@ -273,6 +287,7 @@ def measure(args: argparse.Namespace, *worker_args: str) -> dict[str, Any]:
 def report(args: argparse.Namespace, net: str, variants: dict[str, Any]) -> None:
     rates: dict[str, list[float]] = {name: [] for name in variants}
     busy: dict[str, list[float]] = {name: [] for name in variants}
+    steal: dict[str, list[float]] = {name: [] for name in variants}
     names = list(variants)
     for round_ in range(args.rounds):
         for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
@@ -280,6 +295,7 @@ def report(args: argparse.Namespace, net: str, variants: dict[str, Any]) -> None
             result = measure(args, "--net", net, "--worker", json.dumps(spec or {"plain": True}))
             rates[name] += result["rates"]
             busy[name].append(result["cpu"])
+            steal[name].append(result["steal"])
             print(f"  {net} round {round_ + 1}: {name}: {[round(r) for r in result['rates']]}",
                   file=sys.stderr)  # fmt: skip
 
@@ -295,13 +311,14 @@ def report(args: argparse.Namespace, net: str, variants: dict[str, Any]) -> None
           f"images/s, the faster of TF matmul on all {CORES} cores ({all_cores:,.0f}) and one "
           f"single-threaded GEMM stream per core ({per_core:,.0f})\n")  # fmt: skip
     print("| variant | median img/s | best img/s | x plain (median) | x plain (best) "
-          "| roofline (median) | CPU busy |\n|---|---:|---:|---:|---:|---:|---:|")  # fmt: skip
+          "| roofline (median) | CPU busy | steal |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|")  # fmt: skip
     base = rates[names[0]]
     for name in names:
         median, best = statistics.median(rates[name]), max(rates[name])
         print(f"| {name} | {median:,.0f} | {best:,.0f} | {median / statistics.median(base):.2f}x "
               f"| {best / max(base):.2f}x | {median / roof:.0%} "
-              f"| {statistics.median(busy[name]):.0%} |")  # fmt: skip
+              f"| {statistics.median(busy[name]):.0%} | {max(steal[name]):.0%} |")  # fmt: skip
 
 
 def main() -> None:
