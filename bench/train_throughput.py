@@ -12,7 +12,7 @@ Variants, each in a fresh process (TensorFlow fixes its thread pools at start-up
 - **trainer**: ``pipeline.train.train`` as ``dvc repro`` runs it: the preset's params,
   checkpoints, sample grids and MLflow on (a temp SQLite store); the rate is the one its
   own history records per epoch.
-- **trainer, shards=1**: the same with each batch computed in one piece (what sharding buys).
+- **trainer, shards=2**: the same with each batch computed as two slices side by side.
 - **trainer + XLA** (``--xla``): ``train.jit_compile=true``.
 
 ``--gpu-check`` (``bench/gpu_check.sh``) instead runs, once each on a GPU, the plain loop and
@@ -53,7 +53,7 @@ CORES = len(os.sched_getaffinity(0))
 VARIANTS: dict[str, dict[str, Any] | None] = {  # name -> the trainer's overrides (None: plain)
     "plain per-batch loop (reference)": None,
     "trainer (as users run it)": {},
-    "trainer, train.shards=1": {"train.shards": 1},
+    "trainer, train.shards=2": {"train.shards": 2},
 }
 XLA = ("trainer + XLA (train.jit_compile=true)", {"train.jit_compile": True})
 
