@@ -163,14 +163,14 @@ def trainer_rates(params: Any, data: Path, epochs: int, busy: CpuBusy) -> list[f
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        os.environ.update(MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}", DVC_ROOT=tmp)
+        store = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "DVC_ROOT": tmp}
         out = Outputs(
             generator=root / "generator.keras", discriminator=root / "discriminator.keras",
             checkpoints=root / "checkpoints", run_file=root / "run.json",
             samples=root / "samples", history=root / "history.csv", metrics=root / "metrics.json",
         )  # fmt: skip
         out.checkpoints.mkdir()
-        with mock.patch.object(GAN, "train_block", timed_block):
+        with mock.patch.object(GAN, "train_block", timed_block), mock.patch.dict(os.environ, store):
             train(params, data, out)
         with out.history.open() as handle:
             rows = list(csv.DictReader(handle))

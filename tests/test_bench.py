@@ -1,0 +1,35 @@
+"""The training benchmark's measurements run (their speed is not asserted: benchmarks report
+ratios, tests check that the code they time works)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from bench.train_throughput import worker
+
+pytestmark = pytest.mark.slow
+
+
+def _args(mnist_dir: Path, spec: object, **extra: object) -> argparse.Namespace:
+    worker_arg = spec if isinstance(spec, str) else json.dumps(spec)
+    fields = {"data": mnist_dir, "images": 256, "epochs": 1, "net": "smoke", "worker": worker_arg}
+    return argparse.Namespace(**fields, **extra)
+
+
+@pytest.mark.parametrize("spec", [{"plain": True}, {}, {"train.shards": 2}])
+def test_each_variant_reports_its_epoch_rates(mnist_dir: Path, spec: dict[str, object]) -> None:
+    before = dict(os.environ)
+    result = worker(_args(mnist_dir, spec))
+    assert len(result["rates"]) == 1 and result["rates"][0] > 0  # the warm-up epoch is dropped
+    assert 0 < result["cpu"] <= 1 and 0 <= result["steal"] <= 1
+    assert dict(os.environ) == before  # the trainer's temp MLflow store is not left behind
+
+
+def test_roofline_counts_each_dense_layer(mnist_dir: Path) -> None:
+    seconds = worker(_args(mnist_dir, "roofline", threads=1))["seconds_per_image"]
+    assert 0 < seconds < 1e-3
