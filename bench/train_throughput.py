@@ -185,7 +185,8 @@ def roofline(net: str, threads: int) -> float:
 
     from pipeline.models import build_discriminator, build_generator
 
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    with contextlib.suppress(RuntimeError):  # TF already started (a test): pools stay
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
     params = load(net, {})
     batch, seconds = params.train.batch_size, 0.0
     for build, first_count, other_count in ((build_generator, 3, 4), (build_discriminator, 6, 8)):

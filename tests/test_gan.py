@@ -11,8 +11,9 @@ import pytest
 import tensorflow as tf
 
 from pipeline.dataset import make_dataset
-from pipeline.gan import GAN, FusedAdam
+from pipeline.gan import GAN
 from pipeline.mnist import load_split
+from pipeline.optimizers import FusedAdam
 from pipeline.params import Params
 
 pytestmark = pytest.mark.slow

@@ -81,7 +81,7 @@ def test_exp_args_refuse_an_invalid_preset(tmp_path: Path) -> None:
     params_file.write_text(yaml.safe_dump(raw))
     with pytest.raises(ParamsError, match=r"train.lr_g: got -1.0"):
         exp_run_args("smoke", params_file)
-    with pytest.raises(ParamsError, match=r"preset: got 'seed999'; allowed: \['default'"):
+    with pytest.raises(ParamsError, match=r"preset: got 'seed999'; allowed: \[.*'default'"):
         exp_run_args("seed999", params_file)
 
 
