@@ -40,8 +40,9 @@ from pipeline.checkpoints import (
     stop_signals,
     write_stamp,
 )
+from pipeline.distribute import input_batches, set_up, steps_per_epoch
 from pipeline.files import atomic_path, write_json
-from pipeline.gan import GAN, METRICS, input_batches, set_up, steps_per_epoch
+from pipeline.gan import GAN, METRICS
 from pipeline.images import cycle_labels, sample_latents, tile, to_uint8, to_unit
 from pipeline.mnist import load_split
 from pipeline.params import Params, TrainParams

@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 # Two workers agree with one device up to float rounding, not bit for bit. Each worker
 # builds the same global batch and the same global noise (drawn once, outside the replicas)
-# and takes its half (pipeline.gan.replica_rows), so every step computes the same maths;
+# and takes its half (pipeline.distribute.replica_rows), so every step computes the same maths;
 # what differs is the order of additions: one device sums a loss's 64 terms at once, two
 # workers sum 32 each and all-reduce the gradients. That is float32 rounding, ~1e-7 relative
 # per step, and 24 Adam steps (each moves a weight by at most ~lr) do not amplify it past

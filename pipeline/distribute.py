@@ -1,0 +1,127 @@
+"""Where training runs, set up before any weight exists: threads and op determinism, the
+seed, the ``tf.distribute`` strategy, and the input stream a (possibly resumed) run feeds it.
+
+Part of what decides the weights (thread pools, the order of the batches, which rows each
+replica takes), so it is hashed into the checkpoint digest (``pipeline.checkpoints.SOURCES``)
+like ``pipeline.gan``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from pipeline.dataset import make_dataset
+from pipeline.params import Params, TrainParams
+
+log = logging.getLogger(__name__)
+
+
+def configure_devices(train: TrainParams) -> None:
+    """Threads, op determinism (bit-identical resume) and mixed precision, before TensorFlow's
+    runtime starts."""
+    on_gpu = bool(tf.config.list_physical_devices("GPU"))
+    if on_gpu and train.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    elif train.mixed_precision:
+        log.info("train.mixed_precision ignored: no GPU")
+    if on_gpu:  # deterministic GPU kernels cost speed; a GPU run resumes, not bit-exactly
+        return
+    tf.config.experimental.enable_op_determinism()
+    if train.shards > 1:
+        # The shards are independent subgraphs: TF's inter-op threads run them on different
+        # cores, one thread per op. Ops this small gain little from two threads each, while
+        # the hand-offs between threads cost more than the maths (bench/train_throughput.py).
+        cores = len(os.sched_getaffinity(0))
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(max(1, cores // train.shards))
+            tf.config.threading.set_inter_op_parallelism_threads(min(cores, train.shards))
+        except RuntimeError:  # a second run in one process (tests): its pools are fixed
+            log.info("TensorFlow already started: thread pools left as they are")
+
+
+def pick_strategy(name: str) -> tf.distribute.Strategy:
+    if name == "multi_worker":  # the cluster comes from $TF_CONFIG
+        # First: it sets up collective ops, which must happen before TensorFlow's runtime
+        # starts (listing logical devices starts it).
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    gpus = [device.name for device in tf.config.list_logical_devices("GPU")]
+    if name == "mirrored" or (name == "auto" and len(gpus) > 1):
+        # Without GPUs, mirror over the logical CPUs (one unless configured otherwise).
+        cpus = [device.name for device in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(gpus or cpus)
+    return tf.distribute.get_strategy()  # one device: the GPU when there is one
+
+
+def set_up(params: Params) -> tf.distribute.Strategy:
+    """Devices, then the seed, then the strategy, in this order: the seed must come after the
+    device policy and before any weight exists. Call once per process, before ``GAN``."""
+    train = params.train
+    configure_devices(train)
+    keras.utils.set_random_seed(params.seed)
+    strategy = pick_strategy(train.strategy)
+    parts = strategy.num_replicas_in_sync * train.shards
+    if train.batch_size % parts:
+        raise ValueError(
+            f"train.batch_size: got {train.batch_size}; must be a multiple of "
+            f"{parts} ({strategy.num_replicas_in_sync} replicas of strategy "
+            f"{train.strategy!r} x train.shards {train.shards})"
+        )
+    log.info("strategy %s with %d replicas", type(strategy).__name__, strategy.num_replicas_in_sync)
+    return strategy
+
+
+def steps_per_epoch(params: Params, available: int) -> int:
+    """Full batches per epoch over the first ``data.limit`` of ``available`` images."""
+    count = min(available, params.data.limit or available)
+    if count < params.train.batch_size:
+        raise ValueError(f"train.batch_size: got {params.train.batch_size}; at most {count} images")
+    return count // params.train.batch_size
+
+
+def input_batches(
+    params: Params,
+    strategy: tf.distribute.Strategy,
+    images: np.ndarray,
+    labels: np.ndarray,
+    start: int,
+) -> Any:
+    """An endless iterator of (distributed) batches that continues at step ``start``: the
+    batches an uninterrupted run would see from there."""
+    per_epoch = steps_per_epoch(params, len(images))
+    dataset = make_dataset(
+        images, labels, params.train.batch_size, params.model.output, params.seed,
+        params.data.limit, first_epoch=start // per_epoch, epochs=None,
+        skip_batches=start % per_epoch,
+    )  # fmt: skip
+    if strategy.num_replicas_in_sync > 1:
+        return iter(strategy.distribute_datasets_from_function(replica_rows(dataset)))
+    return iter(strategy.experimental_distribute_dataset(dataset))
+
+
+def replica_rows(dataset: tf.data.Dataset) -> Any:
+    """The input function of a run over several replicas (GPUs, workers or both): replica
+    ``r`` of ``R`` gets rows ``[r * n, (r + 1) * n)`` of each global batch, ``n = batch / R``,
+    the same rows ``GAN.train_step`` takes of the shared noise. So the replicas together see
+    exactly the global batch a one-device run sees, whatever the cluster. Every worker builds
+    the whole (deterministic) stream and keeps its own replicas' rows: no auto-sharding."""
+
+    def rows(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        batch = int(dataset.element_spec[0].shape[0])
+        local = batch // context.num_input_pipelines  # this worker's replicas' rows
+        first = context.input_pipeline_id * local  # its replicas have consecutive ids
+        per_replica = context.get_per_replica_batch_size(batch)
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        return (
+            dataset.map(lambda x, y: (x[first : first + local], y[first : first + local]))
+            .rebatch(per_replica, drop_remainder=True)  # one element per local replica, in order
+            .with_options(options)
+        )
+
+    return rows
