@@ -40,14 +40,15 @@ METRICS = ("d_loss", "g_loss", "d_real", "d_fake")  # what train_step returns, i
 class GAN:
     """Generator, discriminator, their Adam optimizers and the training noise stream."""
 
-    def __init__(self, params: Params, strategy: tf.distribute.Strategy) -> None:
+    def __init__(self, params: Params, strategy: tf.distribute.Strategy, steps: int) -> None:
+        """``steps``: the run's length in training steps (where ``train.lr_decay`` ends)."""
         self.model, self.loss, self.strategy = params.model, params.loss, strategy
         self.global_batch, self.shards = params.train.batch_size, params.train.shards
         with strategy.scope():
             self.generator = build_generator(params.model)
             self.discriminator = build_discriminator(params.model)
-            self.g_opt = adam(params.train, params.train.lr_g)
-            self.d_opt = adam(params.train, params.train.lr_d)
+            self.g_opt = adam(params.train, params.train.lr_g, steps)
+            self.d_opt = adam(params.train, params.train.lr_d, steps * params.loss.d_steps)
             # Built now, so a checkpoint restores into existing slots (no deferred restore).
             self.g_opt.build(self.generator.trainable_variables)
             self.d_opt.build(self.discriminator.trainable_variables)

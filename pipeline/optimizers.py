@@ -38,8 +38,29 @@ class FusedAdam(keras.optimizers.Adam):
         )
 
 
-def adam(train: TrainParams, lr: float) -> keras.optimizers.Optimizer:
-    optimizer = FusedAdam(lr, beta_1=train.beta1, beta_2=train.beta2)
+class LinearTail(keras.optimizers.schedules.LearningRateSchedule):
+    """``lr`` until update ``start``, then falling linearly to 0 at update ``end``: the
+    schedule of pix2pix and CycleGAN. A function of the optimizer's update count, which
+    checkpoints hold, so a resumed run follows it exactly."""
+
+    def __init__(self, lr: float, start: int, end: int) -> None:
+        self.lr, self.start, self.end = lr, start, end
+
+    def __call__(self, step: Any) -> Any:
+        left = (self.end - tf.cast(step, tf.float32)) / float(max(self.end - self.start, 1))
+        return self.lr * tf.clip_by_value(left, 0.0, 1.0)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"lr": self.lr, "start": self.start, "end": self.end}
+
+
+def adam(train: TrainParams, lr: float, updates: int) -> keras.optimizers.Optimizer:
+    """Adam at ``lr``, or with ``train.lr_decay`` > 0, ``lr`` falling to 0 over that last
+    fraction of the run's ``updates``."""
+    rate: Any = lr
+    if train.lr_decay:
+        rate = LinearTail(lr, round(updates * (1 - train.lr_decay)), updates)
+    optimizer = FusedAdam(rate, beta_1=train.beta1, beta_2=train.beta2)
     if keras.mixed_precision.global_policy().name == "mixed_float16":
         return keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer

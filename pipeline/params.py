@@ -83,6 +83,9 @@ class TrainParams(Section):
     lr_d: PositiveFloat
     beta1: Beta
     beta2: Beta
+    # The last fraction of the run over which both learning rates fall linearly to 0
+    # (pix2pix/CycleGAN's schedule); 0 = constant.
+    lr_decay: Annotated[float, Field(ge=0, lt=1)]
     # Exponential moving average of the generator's weights, updated after every step; the
     # average is what train writes as the generator. 0 = off (no extra ops: bit-identical).
     ema_decay: Beta

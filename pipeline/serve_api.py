@@ -9,6 +9,7 @@ TensorFlow import anywhere on this path.
 import json
 import logging
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -228,23 +229,40 @@ def respond(
     if dtype == "uint8":
         pixels = json_uint8(to_uint8(images))  # the common case, and the costly one
     else:
-        pixels = json.dumps(images.tolist(), separators=compact)
-    # The envelope by json, the pixels spliced in: the same text json.dumps(body) makes.
+        pixels = json.dumps(images.tolist(), separators=compact).encode()
+    # The envelope by json, the pixels spliced in.
     fields = {"n": n, "shape": list(images.shape), "dtype": dtype, "seed": seed, "digit": digit}
-    body = json.dumps(fields, separators=compact)[:-1] + f',"images":{pixels}}}'
+    envelope = json.dumps(fields, separators=compact)[:-1].encode()
+    body = b"".join((envelope, b',"images":', pixels, b"}"))
     return Response(body, media_type="application/json", headers=headers)
 
 
-_DECIMAL = np.array([str(value) for value in range(256)], dtype=object)
+def _words(texts: Iterable[str]) -> np.ndarray:
+    """Four-character strings as uint32 words, one each."""
+    return np.frombuffer("".join(texts).encode("ascii"), np.uint32)
 
 
-def json_uint8(pixels: np.ndarray) -> str:
-    """uint8 [n, h, w] as JSON nested arrays: a table look-up of each byte's decimal text
-    and joins, about 10x faster than json.dumps(pixels.tolist()) (which formats each int
-    anew), and this is most of an n=1 JSON request's own work."""
-    images = _DECIMAL[pixels].tolist()
-    rows = ("[" + ",".join("[" + ",".join(row) + "]" for row in image) + "]" for image in images)
-    return "[" + ",".join(rows) + "]"
+# Each byte value's JSON text, padded to four characters (whitespace is valid JSON), ending
+# a row's cell with "," or, for its last cell, "]"; and the openers of a row, of the first
+# row of an image (closing the image before it) and of the very first row.
+_CELL = _words(f"{value:>3}," for value in range(256))
+_LAST_CELL = _words(f"{value:>3}]" for value in range(256))
+_ROW, _IMAGE, _FIRST = _words(["  ,[", "],[[", "  [["])
+
+
+def json_uint8(pixels: np.ndarray) -> bytes:
+    """uint8 [n, h, w] as JSON nested arrays, e.g. ``[[[  0,255],[ 12,  7]]]`` with its
+    spaces, built as one array of four-byte words (an opener per row, then one word per
+    pixel) by two table look-ups: about 10x faster than ``json.dumps(pixels.tolist())`` at
+    n=16, and this is most of a JSON request's own work."""
+    n, height, width = pixels.shape
+    words = np.empty((n, height, width + 1), np.uint32)
+    words[:, :, 0] = _ROW
+    words[:, 0, 0] = _IMAGE
+    words[0, 0, 0] = _FIRST
+    words[:, :, 1:] = _CELL[pixels]
+    words[:, :, width] = _LAST_CELL[pixels[:, :, -1]]
+    return b"[" + words.tobytes() + b"]]"
 
 
 async def generate(

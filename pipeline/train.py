@@ -128,7 +128,7 @@ def _train(
     total, unit = _length(train_p, per_epoch)
     sample_every, checkpoint_every = train_p.sample_every * unit, train_p.checkpoint_every * unit
 
-    gan = GAN(params, strategy)
+    gan = GAN(params, strategy, total)
     checkpoint, state = new_checkpoint(gan, len(METRICS))
     # Grids live beside the checkpoints: they persist across a resume, like the weights.
     ckpt_dir, samples_dir = out.checkpoints, out.checkpoints / "samples"

@@ -34,7 +34,7 @@ def test_every_loss_and_architecture_trains(
             "train": smoke_params.train.model_copy(update={"batch_size": 16}),
         }
     )
-    gan = GAN(params, tf.distribute.get_strategy())
+    gan = GAN(params, tf.distribute.get_strategy(), 100)
     before = [net.get_weights()[0].copy() for net in (gan.generator, gan.discriminator)]
     images, labels = load_split(mnist_dir, "train")
     dataset = make_dataset(images, labels, 16, params.model.output, params.seed, limit=64)
@@ -49,7 +49,7 @@ def _ema_gan(smoke_params: Params, decay: float) -> GAN:
     params = smoke_params.model_copy(
         update={"train": smoke_params.train.model_copy(update={"ema_decay": decay})}
     )
-    return GAN(params, tf.distribute.get_strategy())
+    return GAN(params, tf.distribute.get_strategy(), 100)
 
 
 def _batches(params: Params, mnist_dir: Path) -> Any:
@@ -91,10 +91,10 @@ def test_ema_off_adds_nothing_and_on_leaves_the_training_unchanged(
             np.testing.assert_array_equal(a, b)
 
 
-def _gan_with(smoke_params: Params, **train: Any) -> GAN:
+def _gan_with(smoke_params: Params, steps: int = 100, **train: Any) -> GAN:
     keras.utils.set_random_seed(smoke_params.seed)  # the same initial weights every time
     params = smoke_params.model_copy(update={"train": smoke_params.train.model_copy(update=train)})
-    return GAN(params, tf.distribute.get_strategy())
+    return GAN(params, tf.distribute.get_strategy(), steps)
 
 
 @pytest.mark.parametrize("shards", [2, 4])
@@ -128,3 +128,25 @@ def test_fused_adam_takes_keras_adams_steps() -> None:
         weights.append(variable.numpy())
     assert not np.allclose(weights[0], start, atol=1e-2)  # five steps of 1e-2 moved it
     np.testing.assert_allclose(weights[0], weights[1], rtol=1e-5, atol=1e-6)
+
+
+def test_lr_decay_holds_then_falls_linearly_to_zero_at_the_end(
+    smoke_params: Params, mnist_dir: Path
+) -> None:
+    """train.lr_decay 0.5 over a 4-step run: full rates for steps 1-3, half for step 4 (of
+    its linear fall over steps 3-4), zero after the run's end, so further steps move
+    nothing. D's schedule counts its own updates (d_steps per step)."""
+    gan = _gan_with(smoke_params, steps=4, lr_decay=0.5, lr_g=1e-3, lr_d=2e-3)
+    assert smoke_params.loss.d_steps == 1
+    rates = [(float(gan.g_opt.learning_rate), float(gan.d_opt.learning_rate))]
+    batches = _batches(smoke_params, mnist_dir)
+    for _ in range(4):
+        gan.train_block(batches, tf.constant(1))
+        rates.append((float(gan.g_opt.learning_rate), float(gan.d_opt.learning_rate)))
+    fractions = np.array([1, 1, 1, 0.5, 0])[:, None]
+    np.testing.assert_allclose(rates, fractions * [1e-3, 2e-3], rtol=1e-6)
+    frozen = [net.get_weights() for net in (gan.generator, gan.discriminator)]
+    gan.train_block(batches, tf.constant(2))  # rate 0: Adam's step is rate * m / sqrt(v)
+    for before, net in zip(frozen, (gan.generator, gan.discriminator), strict=True):
+        for a, b in zip(before, net.get_weights(), strict=True):
+            np.testing.assert_array_equal(a, b)
