@@ -35,3 +35,14 @@ def test_each_variant_reports_its_epoch_rates(mnist_dir: Path, spec: dict[str, o
 def test_roofline_counts_each_dense_layer(mnist_dir: Path) -> None:
     seconds = worker(_args(mnist_dir, "roofline", threads=1))["seconds_per_image"]
     assert 0 < seconds < 1e-3
+
+
+def test_profile_sums_each_op_of_the_trainers_steps(mnist_dir: Path) -> None:
+    from bench.train_profile import profile
+
+    result = profile("smoke", mnist_dir, steps=3)
+    assert all(wall > 0 for wall in result["wall_us_per_step"])
+    matmuls = [name for name in result["by_type"] if "MatMul" in name]
+    assert matmuls and all(result["by_type"][name] > 0 for name in matmuls)
+    assert sum(result["by_type"].values()) == pytest.approx(result["op_us_per_step"], abs=5)
+    assert any("ResourceApplyAdam" in name for name in result["by_op"])  # the fused update
