@@ -11,13 +11,12 @@ libraries 11) and the venv ~118 MB (192 MB untrimmed). The venv is trimmed in pl
   - onnxruntime's C-API library capi/libonnxruntime.so.* (35 MB): the Python module is its
     own copy of the runtime (onnxruntime_pybind11_state.so) and never loads it;
   - `strip --strip-unneeded` on extension modules (~20 MB, mostly uvloop's debug symbols),
-    but never on the wheels' bundled libraries (numpy.libs, pillow.libs): auditwheel patched
+    but never on the wheels' bundled libraries (numpy.libs): auditwheel patched
     those with patchelf, and strip corrupts them (numpy no longer imports);
   - what serving never imports: tests, numpy's f2py/distutils/C headers, onnxruntime's
-    model tools and their requirements (protobuf, flatbuffers, tqdm), Pillow's optional
-    modules (AVIF, WebP, fonts, colour management) and their libraries, pip/setuptools.
-PNG encoding is untouched: tests/test_docker_image.py compares the image's answers with the
-checkout's, byte for byte.
+    model tools and their requirements (protobuf, flatbuffers, tqdm), pip/setuptools.
+No Pillow: the service writes its PNGs with zlib (pipeline/png.py). tests/test_docker_image.py
+compares the image's answers with the checkout's, byte for byte.
 """
 
 from __future__ import annotations
@@ -84,28 +83,7 @@ VENV_DROP = [
     "numpy/testing/_private/extbuild.py",
     "numpy/_core/_simd*.so",  # SIMD test bindings, imported only by numpy's tests
     "numpy/*.pyi",
-    "PIL/_avif*.so",
-    "PIL/_webp*.so",
-    "PIL/_imagingft*.so",  # fonts (ImageFont)
-    "PIL/_imagingcms*.so",  # colour management (ImageCms)
-    "PIL/_imagingtk*.so",
-    "PIL/_imagingmath*.so",
-    "PIL/_imagingmorph*.so",
 ]
-# Pillow's bundled libraries that only the modules dropped above load (shared_libraries
-# fails the build if a kept module needs one).
-PIL_LIBS_DROP = (
-    "libavif",
-    "libwebp",
-    "libsharpyuv",
-    "libfreetype",
-    "libharfbuzz",
-    "libbrotli",
-    "liblcms2",
-    "libaom",
-    "libdav1d",
-    "libpng",
-)
 
 
 def run(*args: str, check: bool = True) -> str:
@@ -139,9 +117,6 @@ def trim_venv(venv: Path) -> None:
                 shutil.rmtree(path)
             else:
                 path.unlink()
-    for lib in site.glob("pillow.libs/*"):
-        if lib.name.startswith(PIL_LIBS_DROP):
-            lib.unlink()
     for module in site.rglob("*.so"):
         if not module.parent.name.endswith(".libs"):
             run("strip", "--strip-unneeded", str(module))

@@ -19,14 +19,12 @@ Typical use::
 
 from __future__ import annotations
 
-import io
 import secrets
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from PIL import Image
 
 from pipeline.images import (
     NOISE_KINDS,
@@ -37,6 +35,7 @@ from pipeline.images import (
     tile,
     to_uint8,
 )
+from pipeline.png import encode_gray
 
 # What inference needs; the provenance keys (preset, mlflow_run_id, ...) are informational.
 REQUIRED_METADATA = ("latent_dim", "noise", "num_classes")
@@ -233,6 +232,4 @@ def make_grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:
 
 def encode_png(images: np.ndarray, cols: int | None = None) -> bytes:
     """A grayscale PNG of :func:`make_grid`."""
-    buffer = io.BytesIO()
-    Image.fromarray(make_grid(images, cols)).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return encode_gray(make_grid(images, cols))

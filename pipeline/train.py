@@ -29,7 +29,6 @@ import keras
 import mlflow
 import numpy as np
 import tensorflow as tf
-from PIL import Image
 from tqdm import tqdm
 
 from pipeline import tracking
@@ -46,6 +45,7 @@ from pipeline.gan import GAN, METRICS
 from pipeline.images import cycle_labels, sample_latents, tile, to_uint8, to_unit
 from pipeline.mnist import load_split
 from pipeline.params import Params, TrainParams
+from pipeline.png import encode_gray
 from pipeline.run_logger import RunLogger
 from pipeline.stage import UserError
 
@@ -199,7 +199,7 @@ def _save_grid(images: np.ndarray, output: str, path: Path) -> None:
     pixels = to_uint8(to_unit(images[..., 0], output))
     grid = tile(pixels, round(len(pixels) ** 0.5), pad=GRID_PAD, fill=255)
     with atomic_path(path) as tmp:
-        Image.fromarray(grid).save(tmp, "PNG")
+        tmp.write_bytes(encode_gray(grid))
 
 
 def _save_model(model: keras.Model, path: Path) -> None:

@@ -21,6 +21,7 @@ from pipeline.inference import (
     make_grid,
     to_uint8,
 )
+from pipeline.png import encode_gray
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -212,7 +213,7 @@ def test_inference_path_never_imports_tensorflow() -> None:
     code = (
         "import sys, pipeline.inference, pipeline.generate, pipeline.serve\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
-        "('tensorflow', 'keras', 'tf2onnx', 'mlflow'))\n"
+        "('tensorflow', 'keras', 'tf2onnx', 'mlflow', 'PIL'))\n"
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
@@ -246,6 +247,23 @@ def test_encode_png_round_trips(conditional: Generator) -> None:
     decoded = np.asarray(Image.open(io.BytesIO(encode_png(images, cols=4))))
     np.testing.assert_array_equal(decoded, make_grid(images, cols=4))
     assert decoded.shape == (84, 112)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (56, 280)])
+def test_png_writer_files_read_back_exactly(shape: tuple[int, int]) -> None:
+    """Any PNG reader (Pillow here) gets the very pixels back, all 256 values included."""
+    pixels = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+    pixels.flat[: min(256, pixels.size)] = np.arange(min(256, pixels.size))
+    image = Image.open(io.BytesIO(encode_gray(pixels)))
+    assert image.mode == "L" and image.size == shape[::-1]
+    np.testing.assert_array_equal(np.asarray(image), pixels)
+
+
+def test_png_writer_refuses_other_arrays_in_one_line() -> None:
+    with pytest.raises(
+        ValueError, match=r"^pixels: got float32 \[2, 2\]; allowed: uint8 \[h, w\]$"
+    ):
+        encode_gray(np.zeros((2, 2), np.float32))
 
 
 def test_graph_that_fails_at_run_time(tmp_path: Path) -> None:
