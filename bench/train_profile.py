@@ -38,7 +38,7 @@ def op_times(logdir: Path) -> tuple[collections.Counter, collections.Counter]:
             for line in plane.lines:
                 for event in line.events:
                     name = plane.event_metadata[event.metadata_id].name
-                    op_type = name.rsplit(":", 1)[-1] if ":" in name else ""
+                    op_type = name.rsplit(":", 1)[-1].strip() if ":" in name else ""
                     if op_type and not op_type.startswith("__") and op_type not in WRAPPERS:
                         by_type[op_type] += event.duration_ps
                         by_name[name] += event.duration_ps

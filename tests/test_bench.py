@@ -46,3 +46,4 @@ def test_profile_sums_each_op_of_the_trainers_steps(mnist_dir: Path) -> None:
     assert matmuls and all(result["by_type"][name] > 0 for name in matmuls)
     assert sum(result["by_type"].values()) == pytest.approx(result["op_us_per_step"], abs=5)
     assert any("ResourceApplyAdam" in name for name in result["by_op"])  # the fused update
+    assert not any("__inference" in name for name in result["by_type"])  # a call, not a kernel
