@@ -54,6 +54,7 @@ BOOKKEEPING = (
     "tracking.py",
     "run_logger.py",
     "files.py",
+    "png.py",  # writes the sample grids' files
 )
 
 
