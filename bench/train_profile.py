@@ -48,13 +48,12 @@ def op_times(logdir: Path) -> tuple[collections.Counter, collections.Counter]:
 def profile(preset: str, data: Path, steps: int) -> dict[str, Any]:
     import tensorflow as tf
 
+    from bench.train_throughput import load
     from pipeline.distribute import input_batches, set_up
     from pipeline.gan import GAN
     from pipeline.mnist import load_split
-    from pipeline.params import load_params
-    from pipeline.presets import load_preset
 
-    params = load_params(REPO_ROOT / "params.yaml", load_preset(preset))
+    params = load(preset, {})
     strategy = set_up(params)
     images, labels = load_split(data, "train")
     gan = GAN(params, strategy, 10 * steps)

@@ -1,4 +1,4 @@
-"""Generate digits from the exported ONNX generator: onnxruntime, numpy and Pillow only.
+"""Generate digits from the exported ONNX generator: onnxruntime and numpy only.
 
     python -m pipeline.generate --model models/generator.onnx --n 64 --seed 0 --out grid.png
     python -m pipeline.generate --n 10 --digit 7 --out sevens.npy   # float32 [10, 28, 28]

@@ -69,8 +69,8 @@ _MASK = (1 << 64) - 1
 _GOLDEN, _MIX1, _MIX2 = (
     np.uint64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
 )
-_Words = TypeVar("_Words", np.ndarray, np.uint64)
 _S11, _S27, _S30, _S31 = (np.uint64(s) for s in (11, 27, 30, 31))
+_Words = TypeVar("_Words", np.ndarray, np.uint64)  # an array of words, or one
 
 
 def _splitmix64(x: _Words) -> _Words:

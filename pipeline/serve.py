@@ -16,8 +16,8 @@ Design choices a reader should know about:
   (:mod:`pipeline.serve_batcher`), but every queue is bounded: too many requests in flight
   get 429 at once, one that waits too long for its batch 503, a body over the limit 413,
   so a flood cannot make the service hang or run out of memory.
-- Only onnxruntime, numpy and Pillow do the work (via :mod:`pipeline.inference`):
-  no TensorFlow import, so the process is ready in well under a second.
+- Only onnxruntime, numpy and zlib do the work (via :mod:`pipeline.inference`):
+  no TensorFlow or Pillow import, so the process is ready in well under a second.
 - Requests never name files or models: the model path comes from the operator only.
 
 This module is the app (:func:`create_app`: routes and error handlers) and the CLI; the

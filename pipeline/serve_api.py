@@ -2,8 +2,8 @@
 models (so the OpenAPI schema states every limit), and the work behind ``/generate``
 (seed, explicit ``z``, batched or not (:mod:`pipeline.serve_batcher`), PNG or JSON rendering).
 
-Only onnxruntime, numpy and Pillow do the work (via :mod:`pipeline.inference`): no
-TensorFlow import anywhere on this path.
+Only onnxruntime, numpy and zlib do the work (via :mod:`pipeline.inference` and
+:mod:`pipeline.png`): no TensorFlow or Pillow import anywhere on this path.
 """
 
 import json
@@ -253,8 +253,8 @@ _ROW, _IMAGE, _FIRST = _words(["  ,[", "],[[", "  [["])
 def json_uint8(pixels: np.ndarray) -> bytes:
     """uint8 [n, h, w] as JSON nested arrays, e.g. ``[[[  0,255],[ 12,  7]]]`` with its
     spaces, built as one array of four-byte words (an opener per row, then one word per
-    pixel) by two table look-ups: about 10x faster than ``json.dumps(pixels.tolist())`` at
-    n=16, and this is most of a JSON request's own work."""
+    pixel) by two table look-ups: 8.5x (n=1) to 29x (n=16) faster than
+    ``json.dumps(pixels.tolist())``, and this is most of a JSON request's own work."""
     n, height, width = pixels.shape
     words = np.empty((n, height, width + 1), np.uint32)
     words[:, :, 0] = _ROW

@@ -396,6 +396,4 @@ def test_server_process_freezes_what_startup_built(onnx_generators: dict[str, Pa
         "assert gc.get_freeze_count() > 10_000, gc.get_freeze_count()\n"
     )
     env = {**os.environ, "MNIST_GAN_MODEL": str(onnx_generators["conditional"])}
-    subprocess.run(
-        [sys.executable, "-c", code], cwd=Path(__file__).parent.parent, env=env, check=True
-    )
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True)
