@@ -14,6 +14,7 @@ generate, serve). numpy only, so the serving path can import it without TensorFl
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TypeVar
 
 import numpy as np
@@ -82,11 +83,21 @@ def _splitmix64(x: _Words) -> _Words:
     return x ^ (x >> _S31)
 
 
-def _uniform01(seed: int, count: int) -> np.ndarray:
-    """float64 [count] in [0, 1): a counter-based stream keyed by ``seed``."""
-    key = _splitmix64(np.uint64(seed & _MASK))  # a scalar: a 1-element array costs 3x more
-    counters = np.arange(count, dtype=np.uint64)
-    counters += key
+def _uniform01(draws: Sequence[tuple[int, int]]) -> np.ndarray:
+    """float64 [sum of counts] in [0, 1): for each ``(count, seed)`` in turn, the first
+    ``count`` values of a counter-based stream keyed by ``seed``, all in one pass."""
+    if len(draws) == 1:  # the common case, and a scalar key: a 1-element array costs 3x more
+        ((count, seed),) = draws
+        counters = np.arange(count, dtype=np.uint64)
+        counters += _splitmix64(np.uint64(seed & _MASK))
+    else:
+        counts = np.array([count for count, _ in draws], dtype=np.int64)
+        keys = _splitmix64(np.array([seed & _MASK for _, seed in draws], dtype=np.uint64))
+        # Element j of draw i is counter (j - start_i) + key_i: one arange over all draws,
+        # each draw's offset repeated over its span (wrapping modulo 2**64 as the key does).
+        starts = (np.cumsum(counts) - counts).astype(np.uint64)
+        counters = np.arange(counts.sum(), dtype=np.uint64)
+        counters += np.repeat(keys - starts, counts)
     return (_splitmix64(counters) >> _S11).astype(np.float64) * 2.0**-53
 
 
@@ -98,14 +109,23 @@ def sample_latents(noise: str, n: int, latent_dim: int, seed: int) -> np.ndarray
     ``(seed, i)``, so the first rows of a larger draw equal a smaller draw with the same seed,
     and a browser page reproduces it exactly (pipeline/web/app.js does, with BigInt).
     """
+    return sample_latents_many(noise, latent_dim, [(n, seed)])
+
+
+def sample_latents_many(
+    noise: str, latent_dim: int, draws: Sequence[tuple[int, int]]
+) -> np.ndarray:
+    """The :func:`sample_latents` of each ``(n, seed)`` in ``draws``, concatenated, in one
+    pass: the service's batches draw every request's latents at once."""
     if noise not in NOISE_KINDS:
         raise ValueError(f"noise: got {noise!r}; allowed: {list(NOISE_KINDS)}")
-    count = n * latent_dim
+    n = sum(rows for rows, _ in draws)
     with np.errstate(over="ignore"):
         if noise == "uniform":
-            values = 2.0 * _uniform01(seed, count) - 1.0
-        else:
-            u = _uniform01(seed, 2 * count).reshape(count, 2)
+            values = 2.0 * _uniform01([(rows * latent_dim, seed) for rows, seed in draws]) - 1.0
+        else:  # two uniforms per value; each draw's count is even, so pairs never straddle
+            u = _uniform01([(2 * rows * latent_dim, seed) for rows, seed in draws])
+            u = u.reshape(n * latent_dim, 2)
             values = np.sqrt(-2.0 * np.log1p(-u[:, 0])) * np.cos(2.0 * math.pi * u[:, 1])
     return values.astype(np.float32).reshape(n, latent_dim)
 

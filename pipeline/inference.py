@@ -20,6 +20,8 @@ Typical use::
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ from pipeline.images import (
     grid_columns,
     labels_for,
     sample_latents,
+    sample_latents_many,
     tile,
     to_uint8,
 )
@@ -82,6 +85,17 @@ def session_options(threads: int = 1) -> ort.SessionOptions:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only: warnings would drown CLI output
     return options
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: z is an array
+class Draw:
+    """One checked request for images: ``n`` of them from ``seed``'s latents, or from the
+    explicit ``z`` when given, of ``digit`` (None: the digits in turn)."""
+
+    n: int
+    seed: int
+    digit: int | None = None
+    z: np.ndarray | None = None
 
 
 class Generator:
@@ -171,19 +185,18 @@ class Generator:
         sampled noise (float [n, latent_dim]). Conditional models draw ``digit`` when given,
         else the digits 0..9 in turn, so a 10-column grid shows one class per column.
         """
-        return self.run(self.feeds(n, seed=seed, digit=digit, z=z))
+        return self.run(self.feeds([self.draw(n, seed=seed, digit=digit, z=z)]))
 
-    def feeds(
+    def draw(
         self,
         n: int,
         *,
         seed: int | None = None,
         digit: int | None = None,
         z: np.ndarray | None = None,
-    ) -> dict[str, np.ndarray]:
-        """The checked inputs of one :meth:`generate` call (``z`` and, for conditional
-        models, ``label``), so a caller may concatenate several along the first axis and
-        :meth:`run` them at once (the service's dynamic batching)."""
+    ) -> Draw:
+        """The checked request of one :meth:`generate` call (see there), which
+        :meth:`feeds` turns into model inputs, alone or with others."""
         if not _is_int(n) or not 1 <= n <= self.max_n:
             raise InputError("n", n, f"an integer from 1 to {self.max_n}")
         if seed is not None and (not _is_int(seed) or seed < 0):
@@ -193,9 +206,23 @@ class Generator:
                 raise InputError("digit", digit, "none: this model is unconditional")
             if not _is_int(digit) or not 0 <= digit < self.num_classes:
                 raise InputError("digit", digit, f"an integer from 0 to {self.num_classes - 1}")
-        feeds = {"z": self._check_z(z, n) if z is not None else self.sample_noise(n, seed)}
+        if z is not None:
+            z = self._check_z(z, n)
+        return Draw(n, secrets.randbits(53) if seed is None else seed, digit, z)
+
+    def feeds(self, draws: Sequence[Draw]) -> dict[str, np.ndarray]:
+        """The model inputs (``z`` and, for conditional models, ``label``) of ``draws``,
+        concatenated along the first axis for one :meth:`run`; the seeded latents of all of
+        them are drawn in one pass (the service's dynamic batching runs many at once)."""
+        seeded = [(draw.n, draw.seed) for draw in draws if draw.z is None]
+        z = sample_latents_many(self.noise, self.latent_dim, seeded)
+        if len(seeded) < len(draws):  # explicit z among them: each in its place
+            drawn = iter(np.split(z, np.cumsum([n for n, _ in seeded])))
+            z = np.concatenate([next(drawn) if draw.z is None else draw.z for draw in draws])
+        feeds = {"z": z}
         if self.conditional:
-            feeds["label"] = labels_for(n, digit, self.num_classes)
+            labels = [labels_for(draw.n, draw.digit, self.num_classes) for draw in draws]
+            feeds["label"] = labels[0] if len(labels) == 1 else np.concatenate(labels)
         return feeds
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:

@@ -22,7 +22,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.images import to_uint8
-from pipeline.inference import Generator, InputError, ModelError, encode_png
+from pipeline.inference import Draw, Generator, InputError, ModelError, encode_png
 from pipeline.serve_batcher import Batcher
 
 log = logging.getLogger("pipeline.serve")
@@ -189,26 +189,21 @@ class BadInputError(Exception):
 
 @dataclass(frozen=True)
 class Job:
-    """One request's work, as the batcher or a plain call runs it: its own model inputs (the
-    latents its seed or ``z`` stands for, its labels) and its rendering."""
+    """One request's work, as the batcher or a plain call runs it: its checked inputs (the
+    seed or ``z``, the digit) and its rendering."""
 
     generator: Generator
-    n: int
-    seed: int
-    digit: int | None
-    z: np.ndarray | None
+    draw: Draw
     fmt: Format
     dtype: DType
 
-    def feeds(self) -> dict[str, np.ndarray]:
-        return self.generator.feeds(self.n, seed=self.seed, digit=self.digit, z=self.z)
-
     def respond(self, images: np.ndarray) -> Response:
-        return respond(self.generator, images, self.seed, self.digit, self.fmt, self.dtype)
+        draw = self.draw
+        return respond(self.generator, images, draw.seed, draw.digit, self.fmt, self.dtype)
 
     def render(self) -> Response:
         """Unbatched: one onnxruntime call for this request alone."""
-        return self.respond(self.generator.run(self.feeds()))
+        return self.respond(self.generator.run(self.generator.feeds([self.draw])))
 
 
 def respond(
@@ -275,18 +270,21 @@ async def generate(
         raise NotReadyError(state.reason)
     # An unseeded request is random, but reports the seed it drew so it can be replayed.
     seed = secrets.randbelow(2**32) if request.seed is None else request.seed
-    n, z, latent = request.n, getattr(request, "z", None), None
+    # GET's model has no z: looked up in the fields, as getattr's miss costs pydantic an
+    # exception per request.
+    n, z, latent = request.n, vars(request).get("z"), None
     try:
         if z is not None:
             if n is not None and n != len(z):
                 raise InputError("n", n, f"omitted, or len(z) = {len(z)}")
             n, latent = len(z), np.asarray(z, dtype=np.float32)
         n = DEFAULT_N if n is None else n
-        job = Job(generator, n, seed, request.digit, latent, request.format, request.dtype)
-        if batcher is None:
-            if n <= INLINE_MAX_N:
-                return job.render()
-            return await anyio.to_thread.run_sync(job.render)
-        return await batcher.generate(n, job.feeds, job.respond)  # QueueTimeoutError: 503
-    except InputError as error:
+        draw = generator.draw(n, seed=seed, digit=request.digit, z=latent)
+    except InputError as error:  # checked before any work: a bad request joins no batch
         raise BadInputError(where, error) from None
+    job = Job(generator, draw, request.format, request.dtype)
+    if batcher is None:
+        if n <= INLINE_MAX_N:
+            return job.render()
+        return await anyio.to_thread.run_sync(job.render)
+    return await batcher.generate(draw, job.respond)  # QueueTimeoutError: 503

@@ -2,9 +2,9 @@
 
 Concurrent requests queue a job each; one drain task per event loop waits at most ``delay``
 after the oldest queued job for more to arrive (or until ``max_batch`` images are queued),
-then, in ONE worker-thread call for the whole batch: builds each job's inputs (its own
-latents and labels, :meth:`Generator.feeds`), concatenates them, makes ONE onnxruntime call,
-and hands each job its own slice of the output to render (PNG or JSON). Up to ``parallel``
+then, in ONE worker-thread call for the whole batch: builds all the jobs' inputs at once
+(each its own latents and labels, :meth:`Generator.feeds`), makes ONE onnxruntime call, and
+hands each job its own slice of the output to render (PNG or JSON). Up to ``parallel``
 batches run at once, each in its own thread, while the next one gathers. Each image depends
 only on its own latent and label, so a request gets the same pixels whether it ran alone or
 in a batch.
@@ -30,13 +30,11 @@ from typing import Any
 import anyio.to_thread
 import numpy as np
 
-from pipeline.inference import Generator
+from pipeline.inference import Draw, Generator
 
 # Up to this many images one batch (model call plus rendering) takes well under a
 # millisecond, less than handing it to a worker thread costs, so it runs on the event loop.
 INLINE_MAX_IMAGES = 8
-
-Feeds = dict[str, np.ndarray]
 
 
 class QueueTimeoutError(Exception):
@@ -45,8 +43,7 @@ class QueueTimeoutError(Exception):
 
 @dataclass(eq=False)
 class _Job:
-    n: int
-    make_feeds: Callable[[], Feeds]  # this request's model inputs, n rows
+    draw: Draw  # this request's checked inputs: draw.n images
     finish: Callable[[np.ndarray], Any]  # its images [n, 28, 28] -> what it answers
     result: asyncio.Future[Any]
     arrived: float  # the event loop's clock
@@ -79,16 +76,14 @@ class Batcher:
         self._slot_free: asyncio.Future[None] | None = None  # set when a running batch ends
         self.batches = 0  # onnxruntime calls made (the tests read it)
 
-    async def generate(
-        self, n: int, make_feeds: Callable[[], Feeds], finish: Callable[[np.ndarray], Any]
-    ) -> Any:
-        """``finish(images)`` for the ``n`` images of ``make_feeds()`` (a
-        :meth:`Generator.feeds` call), both run with the rest of the batch."""
+    async def generate(self, draw: Draw, finish: Callable[[np.ndarray], Any]) -> Any:
+        """``finish(images)`` for the images of ``draw`` (from :meth:`Generator.draw`),
+        drawn with the rest of the batch."""
         loop = asyncio.get_running_loop()
-        job = _Job(n, make_feeds, finish, loop.create_future(), loop.time())
+        job = _Job(draw, finish, loop.create_future(), loop.time())
         job.expiry = loop.call_later(self.max_wait, self._expire, job)
         self._queue.append(job)
-        self._queued_images += job.n
+        self._queued_images += draw.n
         if self._queued_images >= self.max_batch and self._full and not self._full.done():
             self._full.set_result(None)
         drainer = self._drainer
@@ -102,7 +97,7 @@ class Batcher:
         """Still queued after ``max_wait``: refuse it (a started batch is never cut short)."""
         if job in self._queue:
             self._queue.remove(job)
-            self._queued_images -= job.n
+            self._queued_images -= job.draw.n
             if not job.result.done():
                 waited = f"{self.max_wait * 1000:.0f} ms"
                 job.result.set_exception(QueueTimeoutError(f"queued over {waited}"))
@@ -137,19 +132,19 @@ class Batcher:
         """The oldest jobs, up to ``max_batch`` images (at least one job, however large)."""
         batch: list[_Job] = []
         images = 0
-        while self._queue and (not batch or images + self._queue[0].n <= self.max_batch):
+        while self._queue and (not batch or images + self._queue[0].draw.n <= self.max_batch):
             job = self._queue.popleft()
-            self._queued_images -= job.n
+            self._queued_images -= job.draw.n
             if job.expiry:
                 job.expiry.cancel()
             if job.result.done():  # cancelled by its client while queued
                 continue
             batch.append(job)
-            images += job.n
+            images += job.draw.n
         return batch
 
     async def _run(self, batch: list[_Job]) -> None:
-        images = sum(job.n for job in batch)
+        images = sum(job.draw.n for job in batch)
         try:
             if images <= INLINE_MAX_IMAGES:
                 outcomes = self._work(batch)
@@ -175,27 +170,16 @@ class Batcher:
     def _work(self, batch: list[_Job]) -> list[Any]:
         """The batch's model call and each job's rendering (in the worker thread), each
         job's outcome an answer or the exception only that job hears of."""
+        try:
+            images = self.generator.run(self.generator.feeds([job.draw for job in batch]))
+        except Exception as error:  # a broken graph: every job hears of it
+            return [error] * len(batch)
         outcomes: list[Any] = []
-        inputs: list[Feeds] = []
+        start = 0
         for job in batch:
             try:
-                inputs.append(job.make_feeds())
-                outcomes.append(None)
-            except Exception as error:  # that job's answer, not the batch's
+                outcomes.append(job.finish(images[start : start + job.draw.n]))
+            except Exception as error:
                 outcomes.append(error)
-        if inputs:
-            try:
-                names = inputs[0].keys()
-                feeds = {name: np.concatenate([one[name] for one in inputs]) for name in names}
-                images = self.generator.run(feeds)
-            except Exception as error:  # a broken graph: every job hears of it
-                return [error if outcome is None else outcome for outcome in outcomes]
-        start = 0
-        for index, job in enumerate(batch):
-            if outcomes[index] is None:
-                try:
-                    outcomes[index] = job.finish(images[start : start + job.n])
-                except Exception as error:
-                    outcomes[index] = error
-                start += job.n
+            start += job.draw.n
         return outcomes

@@ -11,6 +11,7 @@ from pipeline.images import (
     grid_columns,
     labels_for,
     sample_latents,
+    sample_latents_many,
     tile,
     to_uint8,
     to_unit,
@@ -60,6 +61,15 @@ def test_latents_distribution_and_prefix() -> None:
     assert not np.array_equal(sample_latents("normal", 3, 100, 8), normal[:3])
     with pytest.raises(ValueError, match=r"noise: got 'gauss'; allowed"):
         sample_latents("gauss", 1, 1, 0)
+
+
+@pytest.mark.parametrize("noise", ["normal", "uniform"])
+def test_many_draws_at_once_are_each_draw_alone(noise: str) -> None:
+    """The service's batches draw all their requests' latents in one pass."""
+    draws = [(1, 0), (5, 2**53 - 1), (3, 7), (1, 7), (16, 12345)]
+    together = sample_latents_many(noise, 100, draws)
+    alone = [sample_latents(noise, n, 100, seed) for n, seed in draws]
+    np.testing.assert_array_equal(together, np.concatenate(alone))
 
 
 def test_grid_columns() -> None:
