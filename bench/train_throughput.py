@@ -14,6 +14,8 @@ Variants, each in a fresh process (TensorFlow fixes its thread pools at start-up
   own history records per epoch.
 - **trainer, shards=2**: the same with each batch computed as two slices side by side.
 - **trainer + XLA** (``--xla``): ``train.jit_compile=true``.
+- **trainer + bfloat16**, on a CPU with native bfloat16 (AMX or AVX512-BF16):
+  ``train.mixed_precision=true``; its roofline share is against bfloat16 GEMMs.
 
 ``--gpu-check`` (``bench/gpu_check.sh``) instead runs, once each on a GPU, the plain loop and
 the trainer with XLA and mixed precision on and off, and adds the peak GPU memory.
@@ -56,6 +58,13 @@ VARIANTS: dict[str, dict[str, Any] | None] = {  # name -> the trainer's override
     "trainer, train.shards=2": {"train.shards": 2},
 }
 XLA = ("trainer + XLA (train.jit_compile=true)", {"train.jit_compile": True})
+# On a CPU with native bfloat16 (pipeline.distribute.native_bfloat16): its roofline is
+# bfloat16's, measured the same way.
+BF16 = ("trainer + bfloat16 (train.mixed_precision=true)", {"train.mixed_precision": True})
+
+
+def compute_dtype(spec: dict[str, Any] | None) -> str:
+    return "bfloat16" if spec and spec.get("train.mixed_precision") else "float32"
 
 
 def load(net: str, overrides: dict[str, Any]) -> Any:
@@ -177,9 +186,9 @@ def trainer_rates(params: Any, data: Path, epochs: int, busy: CpuBusy) -> list[f
         return [float(row["images_per_s"]) for row in rows[1:]]  # after the warm-up epoch
 
 
-def roofline(net: str, threads: int) -> float:
-    """Seconds of GEMM per training image at the measured matmul rate of each layer (MLP
-    nets: the only ones whose GEMMs this counts)."""
+def roofline(net: str, threads: int, dtype: str) -> float:
+    """Seconds of GEMM per training image at the measured matmul rate of each layer in
+    ``dtype`` (MLP nets: the only ones whose GEMMs this counts)."""
     import keras
     import tensorflow as tf
 
@@ -194,18 +203,18 @@ def roofline(net: str, threads: int) -> float:
         kernels = [layer.kernel for layer in layers if isinstance(layer, keras.layers.Dense)]
         for index, kernel in enumerate(kernels):
             count = first_count if index == 0 else other_count
-            seconds += count * gemm_seconds(batch, *kernel.shape) / batch
+            seconds += count * gemm_seconds(batch, *kernel.shape, dtype) / batch
     return seconds
 
 
-def gemm_seconds(m: int, k: int, n: int, repeat: int = 200) -> float:
+def gemm_seconds(m: int, k: int, n: int, dtype: str, repeat: int = 200) -> float:
     import tensorflow as tf
 
-    a, b = tf.random.normal([m, k]), tf.random.normal([k, n])
+    a, b = (tf.cast(tf.random.normal(shape), dtype) for shape in ([m, k], [k, n]))
 
     @tf.function
     def many() -> tf.Tensor:
-        total = tf.zeros([m, n])
+        total = tf.zeros([m, n], dtype)
         for _ in tf.range(repeat):
             total += tf.matmul(a, b)
         return total
@@ -222,7 +231,7 @@ def gemm_seconds(m: int, k: int, n: int, repeat: int = 200) -> float:
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     """One measurement, in this process."""
     if args.worker == "roofline":
-        return {"seconds_per_image": roofline(args.net, args.threads)}
+        return {"seconds_per_image": roofline(args.net, args.threads, args.dtype)}
     if args.worker == "gpu":
         return {"runs": gpu_runs(args)}
     overrides = json.loads(args.worker)
@@ -300,17 +309,22 @@ def report(args: argparse.Namespace, net: str, variants: dict[str, Any]) -> None
             print(f"  {net} round {round_ + 1}: {name}: {[round(r) for r in result['rates']]}",
                   file=sys.stderr)  # fmt: skip
 
-    def ceiling(threads: int) -> float:  # images/s if the GEMMs ran at the measured rate
-        seconds = measure(args, "--net", net, "--worker", "roofline", "--threads", str(threads))
+    def ceiling(threads: int, dtype: str) -> float:  # images/s if GEMMs ran at measured rate
+        seconds = measure(args, "--net", net, "--worker", "roofline", "--threads", str(threads),
+                          "--dtype", dtype)  # fmt: skip
         return CORES / threads / seconds["seconds_per_image"]
 
-    all_cores, per_core = ceiling(CORES), ceiling(1)
-    roof = max(all_cores, per_core)
     params = load(net, {})
     print(f"\n**{net}** net, batch {params.train.batch_size}, {args.images:,} images an epoch, "
-          f"{args.rounds} rounds x {args.epochs} epochs per variant. Roofline {roof:,.0f} "
-          f"images/s, the faster of TF matmul on all {CORES} cores ({all_cores:,.0f}) and one "
-          f"single-threaded GEMM stream per core ({per_core:,.0f})\n")  # fmt: skip
+          f"{args.rounds} rounds x {args.epochs} epochs per variant.")  # fmt: skip
+    roofs = {}
+    for dtype in sorted({compute_dtype(spec) for spec in variants.values()}, reverse=True):
+        all_cores, per_core = ceiling(CORES, dtype), ceiling(1, dtype)
+        roofs[dtype] = max(all_cores, per_core)
+        print(f"Roofline in {dtype}: {roofs[dtype]:,.0f} images/s, the faster of TF matmul on "
+              f"all {CORES} cores ({all_cores:,.0f}) and one single-threaded GEMM stream per "
+              f"core ({per_core:,.0f}).")  # fmt: skip
+    print()
     print("| variant | median img/s | best img/s | x plain (median) | x plain (best) "
           "| roofline (median) | CPU busy | steal |\n"
           "|---|---:|---:|---:|---:|---:|---:|---:|")  # fmt: skip
@@ -318,7 +332,7 @@ def report(args: argparse.Namespace, net: str, variants: dict[str, Any]) -> None
     for name in names:
         median, best = statistics.median(rates[name]), max(rates[name])
         print(f"| {name} | {median:,.0f} | {best:,.0f} | {median / statistics.median(base):.2f}x "
-              f"| {best / max(base):.2f}x | {median / roof:.0%} "
+              f"| {best / max(base):.2f}x | {median / roofs[compute_dtype(variants[name])]:.0%} "
               f"| {statistics.median(busy[name]):.0%} | {max(steal[name]):.0%} |")  # fmt: skip
 
 
@@ -338,6 +352,7 @@ def main() -> None:
     parser.add_argument("--net", help=argparse.SUPPRESS)  # the worker's arguments
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.data = args.data.resolve()
     if args.worker:
@@ -349,6 +364,10 @@ def main() -> None:
     variants = dict(VARIANTS)
     if args.xla:
         variants[XLA[0]] = XLA[1]
+    from pipeline.distribute import native_bfloat16
+
+    if native_bfloat16():
+        variants[BF16[0]] = BF16[1]
     for net in args.nets.split(","):
         report(args, net, variants)
 

@@ -29,6 +29,7 @@ import tf2onnx
 from pipeline.files import atomic_path, write_json
 from pipeline.images import NUM_CLASSES, SHAPE, SIDE, cycle_labels, to_unit
 from pipeline.inference import Generator, ModelError
+from pipeline.models import build_generator
 from pipeline.params import ModelParams, Params
 from pipeline.stage import UserError
 from pipeline.tracking import open_run, source_tags
@@ -171,14 +172,27 @@ def log_to_mlflow(
     return info.model_uri
 
 
+def float32_generator(keras_path: Path, model: ModelParams) -> keras.Model:
+    """The saved generator's weights in a float32 net: one trained under mixed precision
+    computes in bfloat16 or float16, and the deployed graph keeps float32 throughout."""
+    trained = keras.models.load_model(keras_path, compile=False)
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        generator = build_generator(model)
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+    generator.set_weights(trained.get_weights())
+    return generator
+
+
 def export_generator(
     keras_path: Path, out: Path, report_path: Path, params: Params, run_file: Path
 ) -> dict[str, Any]:
     """The export stage: models/generator.keras -> checked models/generator.onnx, the check
     results in ``report_path`` (DVC metrics), and the model in the training's MLflow run."""
     run_id = json.loads(run_file.read_text())["run_id"]
-    generator = keras.models.load_model(keras_path, compile=False)
-    report = export_model(generator, params, out, run_id)
+    report = export_model(float32_generator(keras_path, params.model), params, out, run_id)
     log_to_mlflow(out, run_file, params.export.registered_model, report)
     write_json(report_path, report)
     return report

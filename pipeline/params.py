@@ -94,7 +94,8 @@ class TrainParams(Section):
     # summed: the same maths on any machine; on CPU each part gets its own core.
     shards: Annotated[int, Field(ge=1, le=64)]
     jit_compile: bool
-    mixed_precision: bool  # only takes effect on a GPU
+    # float16 on a GPU, bfloat16 on a CPU that has it natively (AMX, AVX512-BF16); else off
+    mixed_precision: bool
     checkpoint_every: PositiveInt
     sample_every: PositiveInt
     sample_grid: Annotated[int, Field(ge=2, le=16)]  # fixed-noise grid is N x N

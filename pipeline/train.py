@@ -146,7 +146,9 @@ def _train(
     iterator = input_batches(params, strategy, images, labels, start)
 
     run_name = os.environ.get("DVC_EXP_NAME") or f"{params.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    tags = {**tracking.provenance_tags(), "preset": params.preset}
+    # compute_dtype: what train.mixed_precision came to on this machine (pipeline.distribute)
+    compute_dtype = keras.mixed_precision.global_policy().compute_dtype
+    tags = {**tracking.provenance_tags(), "preset": params.preset, "compute_dtype": compute_dtype}
     with (
         tracking.start_run(params.mlflow.experiment, run_name, tags, run_id) as run,
         RunLogger(run) as logger,  # per-epoch logging that outlives a server restart

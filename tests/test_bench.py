@@ -8,9 +8,12 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
 
 from bench.train_throughput import worker
+from pipeline.inference import Generator
 
 pytestmark = pytest.mark.slow
 
@@ -32,9 +35,27 @@ def test_each_variant_reports_its_epoch_rates(mnist_dir: Path, spec: dict[str, o
     assert after == before  # the trainer's temp MLflow store is not left behind
 
 
-def test_roofline_counts_each_dense_layer(mnist_dir: Path) -> None:
-    seconds = worker(_args(mnist_dir, "roofline", threads=1))["seconds_per_image"]
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_roofline_counts_each_dense_layer(mnist_dir: Path, dtype: str) -> None:
+    seconds = worker(_args(mnist_dir, "roofline", threads=1, dtype=dtype))["seconds_per_image"]
     assert 0 < seconds < 1e-3
+
+
+def test_the_latency_benchmarks_reference_graph_scales_on_4d(
+    onnx_generators: dict[str, Path], tmp_path: Path
+) -> None:
+    """The export before the fix, rebuilt for the side-by-side run: same pixels, scaled on
+    [N, 28, 28, 1]."""
+    from bench.inference_latency import scaled_on_4d
+
+    now = onnx_generators["conditional"]
+    scaled_on_4d(now, tmp_path / "before.onnx")
+    model = onnx.shape_inference.infer_shapes(onnx.load(tmp_path / "before.onnx"))
+    shapes = {value.name: value.type.tensor_type.shape.dim for value in model.graph.value_info}
+    (add,) = [node for node in model.graph.node if node.op_type == "Add"][-1:]
+    assert [dim.dim_value for dim in shapes[add.input[0]]][1:] == [28, 28, 1]
+    images = [Generator(path).generate(5, seed=1) for path in (now, tmp_path / "before.onnx")]
+    np.testing.assert_array_equal(*images)
 
 
 def test_profile_sums_each_op_of_the_trainers_steps(mnist_dir: Path) -> None:

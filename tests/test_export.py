@@ -21,7 +21,7 @@ import tensorflow as tf
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipeline.export import ExportError, check_export, export_model
+from pipeline.export import ExportError, check_export, export_model, float32_generator
 from pipeline.inference import Generator
 from pipeline.models import build_generator
 from pipeline.params import Params
@@ -121,6 +121,32 @@ def test_parity_with_tensorflow(
     expected = (tf_image + 1) / 2 if output == "tanh" else tf_image
     np.testing.assert_allclose(onnx_image, expected, atol=params.export.parity_tol)
     assert onnx_image.min() >= 0 and onnx_image.max() <= 1
+
+
+def test_a_generator_trained_in_bfloat16_exports_in_float32(
+    tmp_path: Path, smoke_params: Params
+) -> None:
+    """train.mixed_precision on a CPU trains in bfloat16; the ONNX graph stays float32."""
+    keras.utils.set_random_seed(2)
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        trained = build_generator(smoke_params.model)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    trained.save(tmp_path / "generator.keras")
+    generator = float32_generator(tmp_path / "generator.keras", smoke_params.model)
+    assert {layer.compute_dtype for layer in generator.layers} == {"float32"}
+    z = np.random.default_rng(3).standard_normal((8, smoke_params.model.latent_dim))
+    labels = np.arange(8) % 10
+    ours, theirs = (
+        keras.ops.convert_to_numpy(net([z.astype(np.float32), labels]))
+        for net in (generator, trained)
+    )
+    np.testing.assert_allclose(ours, theirs, atol=0.05)  # bfloat16 keeps ~3 significant digits
+    report = export_model(generator, smoke_params, tmp_path / "generator.onnx")
+    assert report["parity_max_abs_diff"] <= smoke_params.export.parity_tol
+    (image,) = onnx.load(tmp_path / "generator.onnx").graph.output
+    assert image.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
 
 
 def test_check_refuses_a_graph_that_disagrees_with_tensorflow(

@@ -19,6 +19,7 @@ import tensorflow as tf
 import yaml
 from mlflow.tracking import MlflowClient
 
+from pipeline.distribute import native_bfloat16
 from pipeline.params import Params, load_params
 from pipeline.train import HISTORY_COLUMNS, TrainingDivergedError, train
 
@@ -73,6 +74,26 @@ def test_smoke_training_writes_outputs_and_mlflow_run(
     assert artifacts == ["samples/step_0000008.png", "samples/step_0000016.png"]
     experiment = client.get_experiment(run_info["experiment_id"])
     assert experiment.artifact_location == (tmp_path / "mlartifacts" / "mnist-gan").as_uri()
+
+
+def test_mixed_precision_on_a_cpu_trains_in_bfloat16_where_it_is_native(
+    smoke_params: Params, mnist_dir: Path, tmp_path: Path, mlflow_store: str
+) -> None:
+    try:
+        metrics = train(
+            _params(smoke_params, mixed_precision=True), mnist_dir, train_outputs(tmp_path)
+        )
+    finally:  # the policy is global: the next test in this process builds float32 nets
+        keras.mixed_precision.set_global_policy("float32")
+    assert all(np.isfinite(metrics[key]) for key in ("d_loss", "g_loss", "d_real", "d_fake"))
+    expected = "bfloat16" if native_bfloat16() else "float32"
+    run_id = json.loads((tmp_path / "models" / "mlflow_run.json").read_text())["run_id"]
+    assert MlflowClient(mlflow_store).get_run(run_id).data.tags["compute_dtype"] == expected
+    generator = keras.models.load_model(tmp_path / "models" / "generator.keras")
+    dense = [layer for layer in generator.layers if isinstance(layer, keras.layers.Dense)]
+    assert {layer.compute_dtype for layer in dense} == {expected}
+    assert {weight.dtype for weight in generator.weights} == {"float32"}  # the master weights
+    assert generator.get_layer("image").compute_dtype == "float32"  # images leave in float32
 
 
 def test_rerun_resumes_and_changed_params_start_fresh(
