@@ -15,7 +15,8 @@ Variants, each in a fresh process (TensorFlow fixes its thread pools at start-up
 - **trainer, shards=2**: the same with each batch computed as two slices side by side.
 - **trainer + XLA** (``--xla``): ``train.jit_compile=true``.
 - **trainer + bfloat16**, on a CPU with native bfloat16 (AMX or AVX512-BF16):
-  ``train.mixed_precision=true``; its roofline share is against bfloat16 GEMMs.
+  ``train.mixed_precision=true``; its roofline share is against bfloat16 GEMMs. And with
+  ``train.shards=2`` too: the ``default-fast`` preset's settings.
 
 ``--gpu-check`` (``bench/gpu_check.sh``) instead runs, once each on a GPU, the plain loop and
 the trainer with XLA and mixed precision on and off, and adds the peak GPU memory.
@@ -50,17 +51,25 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+from pipeline.cpu import cores, native_bfloat16
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CORES = len(os.sched_getaffinity(0))
+CORES = cores()
 VARIANTS: dict[str, dict[str, Any] | None] = {  # name -> the trainer's overrides (None: plain)
     "plain per-batch loop (reference)": None,
     "trainer (as users run it)": {},
     "trainer, train.shards=2": {"train.shards": 2},
 }
 XLA = ("trainer + XLA (train.jit_compile=true)", {"train.jit_compile": True})
-# On a CPU with native bfloat16 (pipeline.distribute.native_bfloat16): its roofline is
+# On a CPU with native bfloat16 (pipeline.cpu.native_bfloat16): its roofline is
 # bfloat16's, measured the same way.
-BF16 = ("trainer + bfloat16 (train.mixed_precision=true)", {"train.mixed_precision": True})
+BF16 = {
+    "trainer + bfloat16 (train.mixed_precision=true)": {"train.mixed_precision": True},
+    "trainer + bfloat16, train.shards=2 (default-fast)": {
+        "train.mixed_precision": True,
+        "train.shards": 2,
+    },
+}
 
 
 def compute_dtype(spec: dict[str, Any] | None) -> str:
@@ -84,11 +93,13 @@ class CpuBusy:
 
     @contextlib.contextmanager
     def timed(self) -> Iterator[None]:
-        began, ticks = os.times(), _cpu_ticks()
+        # process_time: nanoseconds of all threads' CPU (os.times counts 10 ms ticks, which
+        # reads a short epoch as 0 or 2x busy)
+        cpu, wall, ticks = time.process_time(), time.perf_counter(), _cpu_ticks()
         yield
-        ended, now = os.times(), _cpu_ticks()
-        self.cpu += ended.user + ended.system - began.user - began.system
-        self.wall += ended.elapsed - began.elapsed
+        self.cpu += time.process_time() - cpu
+        self.wall += time.perf_counter() - wall
+        now = _cpu_ticks()
         self.steal += now[STEAL] - ticks[STEAL]
         self.total += sum(now) - sum(ticks)
 
@@ -364,10 +375,8 @@ def main() -> None:
     variants = dict(VARIANTS)
     if args.xla:
         variants[XLA[0]] = XLA[1]
-    from pipeline.distribute import native_bfloat16
-
     if native_bfloat16():
-        variants[BF16[0]] = BF16[1]
+        variants.update(BF16)
     for net in args.nets.split(","):
         report(args, net, variants)
 

@@ -29,13 +29,14 @@ log = logging.getLogger(__name__)
 
 # The code that decides the weights (read from this directory): a checkpoint written by
 # other code is not resumed. gan.py holds the step; distribute.py the seeding, the devices
-# and where a resumed input stream starts; optimizers/models/losses the maths;
-# images/dataset/mnist the pixels fed in. Every other module the train stage runs is
-# BOOKKEEPING, and tests/test_layout.py checks that the two lists cover the stage's whole
-# import graph, so a new import has to be placed.
+# (with cpu.py: thread pools, bfloat16) and where a resumed input stream starts;
+# optimizers/models/losses the maths; images/dataset/mnist the pixels fed in. Every other
+# module the train stage runs is BOOKKEEPING, and tests/test_layout.py checks that the two
+# lists cover the stage's whole import graph, so a new import has to be placed.
 SOURCES = (
     "gan.py",
     "distribute.py",
+    "cpu.py",
     "models.py",
     "losses.py",
     "optimizers.py",

@@ -9,30 +9,17 @@ like ``pipeline.gan``.
 from __future__ import annotations
 
 import logging
-import os
-import re
-from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from pipeline import cpu
 from pipeline.dataset import make_dataset
 from pipeline.params import Params, TrainParams
 
 log = logging.getLogger(__name__)
-
-
-def native_bfloat16() -> bool:
-    """Whether this CPU multiplies bfloat16 in hardware (AMX or AVX512-BF16, as Linux lists
-    its flags). There oneDNN ran the default net's GEMMs 2-2.6x faster in bfloat16 than in
-    float32; elsewhere bfloat16 is emulated, slower than float32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux
-        return False
-    return re.search(r"\b(amx_bf16|avx512_bf16)\b", flags) is not None
 
 
 def configure_devices(train: TrainParams) -> None:
@@ -46,7 +33,7 @@ def configure_devices(train: TrainParams) -> None:
         # bfloat16, with float32's range, does not.
         if on_gpu:
             policy = "mixed_float16"
-        elif native_bfloat16():
+        elif cpu.native_bfloat16():
             policy = "mixed_bfloat16"
         else:
             log.info("train.mixed_precision ignored: no GPU and no native bfloat16 on this CPU")
@@ -58,7 +45,7 @@ def configure_devices(train: TrainParams) -> None:
         # The shards are independent subgraphs: TF's inter-op threads run them on different
         # cores, one thread per op. Ops this small gain little from two threads each, while
         # the hand-offs between threads cost more than the maths (bench/train_throughput.py).
-        cores = len(os.sched_getaffinity(0))
+        cores = cpu.cores()
         try:
             tf.config.threading.set_intra_op_parallelism_threads(max(1, cores // train.shards))
             tf.config.threading.set_inter_op_parallelism_threads(min(cores, train.shards))

@@ -29,8 +29,7 @@ def test_each_variant_reports_its_epoch_rates(mnist_dir: Path, spec: dict[str, o
     before = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
     result = worker(_args(mnist_dir, spec))
     assert len(result["rates"]) == 1 and result["rates"][0] > 0  # the warm-up epoch is dropped
-    # CPU time comes in clock ticks: a short epoch can read a little over all cores busy
-    assert 0 < result["cpu"] < 1.1 and 0 <= result["steal"] <= 1
+    assert 0 < result["cpu"] <= 1.01 and 0 <= result["steal"] <= 1
     after = {key: os.environ.get(key) for key in before}
     assert after == before  # the trainer's temp MLflow store is not left behind
 

@@ -19,7 +19,7 @@ import tensorflow as tf
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipeline.distribute import native_bfloat16
+from pipeline.cpu import native_bfloat16
 from pipeline.params import Params, load_params
 from pipeline.train import HISTORY_COLUMNS, TrainingDivergedError, train
 
