@@ -54,21 +54,21 @@ def profile(preset: str, data: Path, steps: int) -> dict[str, Any]:
     from pipeline.mnist import load_split
 
     params = load(preset, {})
-    strategy = set_up(params)
-    images, labels = load_split(data, "train")
-    gan = GAN(params, strategy, 10 * steps)
-    batches = input_batches(params, strategy, images, labels, 0)
-    gan.train_block(batches, tf.constant(min(steps, 20)))  # warm-up: tracing, first calls
-    walls = []
-    for _ in range(2):
-        start = time.perf_counter()
-        gan.train_block(batches, tf.constant(steps))
-        walls.append((time.perf_counter() - start) / steps)
-    with tempfile.TemporaryDirectory() as folder:
-        tf.profiler.experimental.start(folder)
-        gan.train_block(batches, tf.constant(steps))
-        tf.profiler.experimental.stop()
-        by_type, by_name = op_times(Path(folder))
+    with set_up(params) as strategy:  # restores the process' float policy afterwards
+        images, labels = load_split(data, "train")
+        gan = GAN(params, strategy, 10 * steps)
+        batches = input_batches(params, strategy, images, labels, 0)
+        gan.train_block(batches, tf.constant(min(steps, 20)))  # warm-up: tracing, first calls
+        walls = []
+        for _ in range(2):
+            start = time.perf_counter()
+            gan.train_block(batches, tf.constant(steps))
+            walls.append((time.perf_counter() - start) / steps)
+        with tempfile.TemporaryDirectory() as folder:
+            tf.profiler.experimental.start(folder)
+            gan.train_block(batches, tf.constant(steps))
+            tf.profiler.experimental.stop()
+            by_type, by_name = op_times(Path(folder))
     per_step = 1e6 * steps  # picoseconds over the profiled steps -> microseconds per step
     return {
         "preset": preset,

@@ -9,14 +9,15 @@ Variants, each in a fresh process (TensorFlow fixes its thread pools at start-up
 - **plain**: the TensorFlow DCGAN tutorial's loop: a ``tf.function`` step called from Python
   per batch, Keras' Adam and cross-entropy, TensorFlow's default threads, no op determinism.
   The reference.
-- **trainer**: ``pipeline.train.train`` as ``dvc repro`` runs it: the preset's params,
-  checkpoints, sample grids and MLflow on (a temp SQLite store); the rate is the one its
-  own history records per epoch.
-- **trainer, shards=2**: the same with each batch computed as two slices side by side.
+- **trainer as users run it**: ``pipeline.train.train`` as ``dvc repro`` runs it: the
+  preset's params, checkpoints, sample grids and MLflow on (a temp SQLite store); the rate
+  is the one its own history records per epoch. params.yaml's defaults: each batch as two
+  slices side by side (``train.shards: 2``), bfloat16 where the CPU has it in hardware.
+- **trainer, float32, one shard**: the defaults before; **float32, train.shards=2**: the
+  slices alone; **bfloat16, one shard** (only on a CPU with native bfloat16, AMX or
+  AVX512-BF16): bfloat16 alone. A variant computing in bfloat16 is held to bfloat16's
+  roofline.
 - **trainer + XLA** (``--xla``): ``train.jit_compile=true``.
-- **trainer + bfloat16**, on a CPU with native bfloat16 (AMX or AVX512-BF16):
-  ``train.mixed_precision=true``; its roofline share is against bfloat16 GEMMs. And with
-  ``train.shards=2`` too: the ``default-fast`` preset's settings.
 
 ``--gpu-check`` (``bench/gpu_check.sh``) instead runs, once each on a GPU, the plain loop and
 the trainer with XLA and mixed precision on and off, and adds the peak GPU memory.
@@ -55,25 +56,24 @@ from pipeline.cpu import cores, native_bfloat16
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CORES = cores()
-VARIANTS: dict[str, dict[str, Any] | None] = {  # name -> the trainer's overrides (None: plain)
+# name -> the trainer's overrides of params.yaml (None: the plain loop). params.yaml's
+# defaults are two shards and bfloat16 where the CPU has it; the rest take one thing away.
+FLOAT32 = {"train.mixed_precision": False}
+VARIANTS: dict[str, dict[str, Any] | None] = {
     "plain per-batch loop (reference)": None,
-    "trainer (as users run it)": {},
-    "trainer, train.shards=2": {"train.shards": 2},
+    "trainer, float32, one shard (the default until 2026-12-01)": {**FLOAT32, "train.shards": 1},
+    "trainer, float32, train.shards=2": {**FLOAT32, "train.shards": 2},
+    "trainer as users run it (params.yaml)": {},
 }
 XLA = ("trainer + XLA (train.jit_compile=true)", {"train.jit_compile": True})
-# On a CPU with native bfloat16 (pipeline.cpu.native_bfloat16): its roofline is
-# bfloat16's, measured the same way.
-BF16 = {
-    "trainer + bfloat16 (train.mixed_precision=true)": {"train.mixed_precision": True},
-    "trainer + bfloat16, train.shards=2 (default-fast)": {
-        "train.mixed_precision": True,
-        "train.shards": 2,
-    },
-}
+# Only on a CPU with native bfloat16 (pipeline.cpu.native_bfloat16), where the default
+# computes in it: its roofline is bfloat16's, measured the same way.
+BF16 = ("trainer, bfloat16, one shard", {"train.mixed_precision": True, "train.shards": 1})
 
 
-def compute_dtype(spec: dict[str, Any] | None) -> str:
-    return "bfloat16" if spec and spec.get("train.mixed_precision") else "float32"
+def compute_dtype(params: Any) -> str:
+    """What the trainer computes in on this CPU (pipeline.distribute.configure_devices)."""
+    return "bfloat16" if params.train.mixed_precision and native_bfloat16() else "float32"
 
 
 def load(net: str, overrides: dict[str, Any]) -> Any:
@@ -254,12 +254,18 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     return {"rates": rates, **busy.shares}
 
 
+ONE_SHARD = {"train.shards": 1}  # a GPU computes a whole batch at once
 GPU_VARIANTS: dict[str, dict[str, Any] | None] = {  # --gpu-check: one process per net
     "plain per-batch loop (reference)": None,
-    "trainer": {},
-    "trainer + XLA": {"train.jit_compile": True},
-    "trainer + mixed precision": {"train.mixed_precision": True},
-    "trainer + XLA + mixed precision": {"train.jit_compile": True, "train.mixed_precision": True},
+    "trainer, float32": {**ONE_SHARD, **FLOAT32},
+    "trainer + XLA": {**ONE_SHARD, **FLOAT32, "train.jit_compile": True},
+    "trainer + mixed precision": {**ONE_SHARD, "train.mixed_precision": True},
+    "trainer + XLA + mixed precision": {
+        **ONE_SHARD,
+        "train.jit_compile": True,
+        "train.mixed_precision": True,
+    },
+    "trainer as users run it (params.yaml)": {},
 }
 
 
@@ -329,7 +335,8 @@ def report(args: argparse.Namespace, net: str, variants: dict[str, Any]) -> None
     print(f"\n**{net}** net, batch {params.train.batch_size}, {args.images:,} images an epoch, "
           f"{args.rounds} rounds x {args.epochs} epochs per variant.")  # fmt: skip
     roofs = {}
-    for dtype in sorted({compute_dtype(spec) for spec in variants.values()}, reverse=True):
+    dtypes = {name: compute_dtype(load(net, spec or FLOAT32)) for name, spec in variants.items()}
+    for dtype in sorted(set(dtypes.values()), reverse=True):
         all_cores, per_core = ceiling(CORES, dtype), ceiling(1, dtype)
         roofs[dtype] = max(all_cores, per_core)
         print(f"Roofline in {dtype}: {roofs[dtype]:,.0f} images/s, the faster of TF matmul on "
@@ -343,7 +350,7 @@ def report(args: argparse.Namespace, net: str, variants: dict[str, Any]) -> None
     for name in names:
         median, best = statistics.median(rates[name]), max(rates[name])
         print(f"| {name} | {median:,.0f} | {best:,.0f} | {median / statistics.median(base):.2f}x "
-              f"| {best / max(base):.2f}x | {median / roofs[compute_dtype(variants[name])]:.0%} "
+              f"| {best / max(base):.2f}x | {median / roofs[dtypes[name]]:.0%} "
               f"| {statistics.median(busy[name]):.0%} | {max(steal[name]):.0%} |")  # fmt: skip
 
 
@@ -376,7 +383,7 @@ def main() -> None:
     if args.xla:
         variants[XLA[0]] = XLA[1]
     if native_bfloat16():
-        variants.update(BF16)
+        variants[BF16[0]] = BF16[1]
     for net in args.nets.split(","):
         report(args, net, variants)
 

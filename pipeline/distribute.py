@@ -8,7 +8,9 @@ like ``pipeline.gan``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import keras
@@ -66,22 +68,29 @@ def pick_strategy(name: str) -> tf.distribute.Strategy:
     return tf.distribute.get_strategy()  # one device: the GPU when there is one
 
 
-def set_up(params: Params) -> tf.distribute.Strategy:
+@contextlib.contextmanager
+def set_up(params: Params) -> Iterator[tf.distribute.Strategy]:
     """Devices, then the seed, then the strategy, in this order: the seed must come after the
-    device policy and before any weight exists. Call once per process, before ``GAN``."""
-    train = params.train
-    configure_devices(train)
-    keras.utils.set_random_seed(params.seed)
-    strategy = pick_strategy(train.strategy)
-    parts = strategy.num_replicas_in_sync * train.shards
-    if train.batch_size % parts:
-        raise ValueError(
-            f"train.batch_size: got {train.batch_size}; must be a multiple of "
-            f"{parts} ({strategy.num_replicas_in_sync} replicas of strategy "
-            f"{train.strategy!r} x train.shards {train.shards})"
-        )
-    log.info("strategy %s with %d replicas", type(strategy).__name__, strategy.num_replicas_in_sync)
-    return strategy
+    device policy and before any weight exists. Once per process, before ``GAN``. On exit
+    the process' mixed-precision policy is back: nets built later in this process (a test, a
+    notebook) are float32 again."""
+    train, policy = params.train, keras.mixed_precision.global_policy()
+    try:
+        configure_devices(train)
+        keras.utils.set_random_seed(params.seed)
+        strategy = pick_strategy(train.strategy)
+        parts = strategy.num_replicas_in_sync * train.shards
+        if train.batch_size % parts:
+            raise ValueError(
+                f"train.batch_size: got {train.batch_size}; must be a multiple of "
+                f"{parts} ({strategy.num_replicas_in_sync} replicas of strategy "
+                f"{train.strategy!r} x train.shards {train.shards})"
+            )
+        name, replicas = type(strategy).__name__, strategy.num_replicas_in_sync
+        log.info("strategy %s with %d replicas", name, replicas)
+        yield strategy
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
 
 
 def steps_per_epoch(params: Params, available: int) -> int:

@@ -93,11 +93,11 @@ class Outputs:
 def train(params: Params, data_dir: Path, out: Outputs) -> dict[str, Any]:
     """Train and write ``out``; returns the final metrics. In a multi-worker cluster
     (``train.strategy: multi_worker``, ``$TF_CONFIG``) only the chief writes ``out``."""
-    strategy = set_up(params)
-    if strategy.extended.should_checkpoint:  # the chief, or the only worker
-        return _train(params, strategy, data_dir, out)
-    with _scratch(out) as scratch:
-        return _train(params, strategy, data_dir, scratch)
+    with set_up(params) as strategy:
+        if strategy.extended.should_checkpoint:  # the chief, or the only worker
+            return _train(params, strategy, data_dir, out)
+        with _scratch(out) as scratch:
+            return _train(params, strategy, data_dir, scratch)
 
 
 @contextlib.contextmanager

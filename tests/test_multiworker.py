@@ -92,9 +92,10 @@ class Launcher:
 
 
 def _params(smoke: Params, strategy: str) -> Params:
-    return smoke.model_copy(
-        update={"train": smoke.train.model_copy(update={"strategy": strategy, "epochs": 3})}
-    )
+    # float32: the cluster adds its gradients in another order than one worker does, and
+    # bfloat16's rounding of that difference would swamp the comparison with one worker.
+    update = {"strategy": strategy, "epochs": 3, "mixed_precision": False}
+    return smoke.model_copy(update={"train": smoke.train.model_copy(update=update)})
 
 
 def _write(params: Params, path: Path) -> Path:

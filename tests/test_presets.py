@@ -58,6 +58,7 @@ def test_seed_preset_matches_recipe(raw_params: dict[str, Any], name: str) -> No
     assert {key: flat[key] for key in RECIPES[name]} == RECIPES[name]
     assert flat["model.conditional"] is False and flat["model.latent_dim"] == 100
     assert flat["train.ema_decay"] == 0.0  # the recipes predate weight averaging
+    assert flat["train.mixed_precision"] is False  # and computed in float32
 
 
 @pytest.mark.parametrize("name", preset_names())

@@ -79,12 +79,8 @@ def test_smoke_training_writes_outputs_and_mlflow_run(
 def test_mixed_precision_on_a_cpu_trains_in_bfloat16_where_it_is_native(
     smoke_params: Params, mnist_dir: Path, tmp_path: Path, mlflow_store: str
 ) -> None:
-    try:
-        metrics = train(
-            _params(smoke_params, mixed_precision=True), mnist_dir, train_outputs(tmp_path)
-        )
-    finally:  # the policy is global: the next test in this process builds float32 nets
-        keras.mixed_precision.set_global_policy("float32")
+    metrics = train(_params(smoke_params, mixed_precision=True), mnist_dir, train_outputs(tmp_path))
+    assert keras.mixed_precision.global_policy().name == "float32"  # the process' policy again
     assert all(np.isfinite(metrics[key]) for key in ("d_loss", "g_loss", "d_real", "d_fake"))
     expected = "bfloat16" if native_bfloat16() else "float32"
     run_id = json.loads((tmp_path / "models" / "mlflow_run.json").read_text())["run_id"]
