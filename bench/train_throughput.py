@@ -272,13 +272,11 @@ GPU_VARIANTS: dict[str, dict[str, Any] | None] = {  # --gpu-check: one process p
 def gpu_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every GPU variant on one net, one after the other in this process (on a GPU no thread
     pool is fixed at start-up), with the peak GPU memory of each."""
-    import keras
     import tensorflow as tf
 
     gpu = bool(tf.config.list_logical_devices("GPU"))  # also starts the runtime
     results = []
-    for name, overrides in GPU_VARIANTS.items():
-        keras.mixed_precision.set_global_policy("float32")  # a previous variant's policy
+    for name, overrides in GPU_VARIANTS.items():  # each trainer gives its float policy back
         if gpu:
             tf.config.experimental.reset_memory_stats("GPU:0")
         spec = {"plain": True} if overrides is None else overrides

@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from pipeline import cpu
 from pipeline.dataset import make_dataset
+from pipeline.models import dtype_policy
 from pipeline.params import Params, TrainParams
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ def configure_devices(train: TrainParams) -> None:
             policy = "mixed_bfloat16"
         else:
             log.info("train.mixed_precision ignored: no GPU and no native bfloat16 on this CPU")
-    keras.mixed_precision.set_global_policy(policy)  # also undoes an earlier run's, in tests
+    keras.mixed_precision.set_global_policy(policy)
     if on_gpu:  # deterministic GPU kernels cost speed; a GPU run resumes, not bit-exactly
         return
     tf.config.experimental.enable_op_determinism()
@@ -74,8 +75,8 @@ def set_up(params: Params) -> Iterator[tf.distribute.Strategy]:
     device policy and before any weight exists. Once per process, before ``GAN``. On exit
     the process' mixed-precision policy is back: nets built later in this process (a test, a
     notebook) are float32 again."""
-    train, policy = params.train, keras.mixed_precision.global_policy()
-    try:
+    train = params.train
+    with dtype_policy():  # configure_devices sets train.mixed_precision's
         configure_devices(train)
         keras.utils.set_random_seed(params.seed)
         strategy = pick_strategy(train.strategy)
@@ -89,8 +90,6 @@ def set_up(params: Params) -> Iterator[tf.distribute.Strategy]:
         name, replicas = type(strategy).__name__, strategy.num_replicas_in_sync
         log.info("strategy %s with %d replicas", name, replicas)
         yield strategy
-    finally:
-        keras.mixed_precision.set_global_policy(policy)
 
 
 def steps_per_epoch(params: Params, available: int) -> int:

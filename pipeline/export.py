@@ -29,7 +29,7 @@ import tf2onnx
 from pipeline.files import atomic_path, write_json
 from pipeline.images import NUM_CLASSES, SHAPE, SIDE, cycle_labels, to_unit
 from pipeline.inference import Generator, ModelError
-from pipeline.models import build_generator
+from pipeline.models import build_generator, dtype_policy
 from pipeline.params import ModelParams, Params
 from pipeline.stage import UserError
 from pipeline.tracking import open_run, source_tags
@@ -176,12 +176,8 @@ def float32_generator(keras_path: Path, model: ModelParams) -> keras.Model:
     """The saved generator's weights in a float32 net: one trained under mixed precision
     computes in bfloat16 or float16, and the deployed graph keeps float32 throughout."""
     trained = keras.models.load_model(keras_path, compile=False)
-    policy = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("float32")
-    try:
+    with dtype_policy("float32"):
         generator = build_generator(model)
-    finally:
-        keras.mixed_precision.set_global_policy(policy)
     generator.set_weights(trained.get_weights())
     return generator
 

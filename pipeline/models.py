@@ -12,6 +12,9 @@ numerically stable where ``log(sigmoid(x))`` computed in two steps is not.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import keras
 import tensorflow as tf
 from keras import layers
@@ -20,6 +23,21 @@ from pipeline.images import NUM_CLASSES, SHAPE
 from pipeline.params import ModelParams
 
 EMBED_DIM = 50  # size of the learned label code fed to both nets when conditional
+
+
+@contextlib.contextmanager
+def dtype_policy(name: str | None = None) -> Iterator[None]:
+    """Keras' global dtype policy set to ``name`` for the block (None: left to the block),
+    and the one before given back afterwards, however the block ends. The policy is
+    process-wide: nets built later in the process (the export, a test, a notebook) must not
+    inherit a training's bfloat16."""
+    before = keras.mixed_precision.global_policy()
+    try:
+        if name is not None:
+            keras.mixed_precision.set_global_policy(name)
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(before)
 
 
 def _kernel_init(model: ModelParams) -> keras.initializers.Initializer:

@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.export import ExportError, check_export, export_model, float32_generator
 from pipeline.inference import Generator
-from pipeline.models import build_generator
+from pipeline.models import build_generator, dtype_policy
 from pipeline.params import Params
 
 REPO = Path(__file__).resolve().parent.parent
@@ -128,11 +128,8 @@ def test_a_generator_trained_in_bfloat16_exports_in_float32(
 ) -> None:
     """train.mixed_precision on a CPU trains in bfloat16; the ONNX graph stays float32."""
     keras.utils.set_random_seed(2)
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    try:
+    with dtype_policy("mixed_bfloat16"):
         trained = build_generator(smoke_params.model)
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
     trained.save(tmp_path / "generator.keras")
     generator = float32_generator(tmp_path / "generator.keras", smoke_params.model)
     assert {layer.compute_dtype for layer in generator.layers} == {"float32"}
