@@ -26,8 +26,11 @@ Protocol: ``--rounds`` rounds; each runs every variant once, in an order rotated
 each run times ``--epochs`` epochs after one warm-up epoch. Per variant: the median and the
 best epoch over all rounds, each against the plain loop's median and best. CPU busy is the
 process' CPU time per wall second during the timed epochs, out of all cores (median over
-the rounds); steal is the largest share of the machine's CPU time the hypervisor gave to
-other guests during one run's timed epochs (a shared VM's noise, which no code controls).
+the rounds); vCPUs busy is each vCPU's busy share over the same time, busiest first (the
+whole machine's: run it on an idle one), so a process packed onto one vCPU shows as "99/3%"
+and one waiting on its own threads as "55/50%"; steal is the largest share of the machine's
+CPU time the hypervisor gave to other guests during one run's timed epochs (a shared VM's
+noise, which no code controls).
 
 Roofline: each dense layer's GEMM is timed alone at the net's batch with TensorFlow's matmul,
 and weighted by the GEMMs of that layer one training iteration runs (forward, weight and
@@ -85,11 +88,14 @@ def load(net: str, overrides: dict[str, Any]) -> Any:
 
 class CpuBusy:
     """Over the timed intervals only: this process' CPU time per wall second out of all
-    cores, and the share of the machine's CPU time the hypervisor gave to other guests
-    (steal, from /proc/stat): what makes a shared VM's epochs slow for no reason of ours."""
+    cores; each vCPU's busy share (the whole machine's, from /proc/stat: on an idle machine,
+    ours), which tells a process spread over both vCPUs from one packed onto one; and the
+    share of the machine's CPU time the hypervisor gave to other guests (steal): what makes a
+    shared VM's epochs slow for no reason of ours."""
 
     def __init__(self) -> None:
-        self.cpu = self.wall = self.steal = self.total = 0.0
+        self.cpu = self.wall = 0.0
+        self.ticks: list[list[int]] = []  # per row of /proc/stat ("cpu", "cpu0", ...): deltas
 
     @contextlib.contextmanager
     def timed(self) -> Iterator[None]:
@@ -99,21 +105,32 @@ class CpuBusy:
         yield
         self.cpu += time.process_time() - cpu
         self.wall += time.perf_counter() - wall
-        now = _cpu_ticks()
-        self.steal += now[STEAL] - ticks[STEAL]
-        self.total += sum(now) - sum(ticks)
+        delta = _combine(_cpu_ticks(), ticks, -1)
+        self.ticks = _combine(self.ticks, delta, 1) if self.ticks else delta
 
     @property
-    def shares(self) -> dict[str, float]:
-        return {"cpu": self.cpu / self.wall / CORES, "steal": self.steal / max(self.total, 1)}
+    def shares(self) -> dict[str, Any]:
+        machine, *vcpus = self.ticks or [[0] * (STEAL + 1)]
+        busy = [1 - (row[IDLE] + row[IOWAIT]) / max(sum(row), 1) for row in vcpus]
+        return {
+            "cpu": self.cpu / self.wall / CORES if self.wall else 0.0,
+            "steal": machine[STEAL] / max(sum(machine), 1),
+            "vcpus": sorted(busy, reverse=True),
+        }
 
 
-STEAL = 7  # the 8th number of /proc/stat's "cpu" line
+IDLE, IOWAIT, STEAL = 3, 4, 7  # columns of /proc/stat's "cpu" lines
 
 
-def _cpu_ticks() -> list[int]:
+def _combine(a: list[list[int]], b: list[list[int]], sign: int) -> list[list[int]]:
+    return [[x + sign * y for x, y in zip(p, q, strict=True)] for p, q in zip(a, b, strict=True)]
+
+
+def _cpu_ticks() -> list[list[int]]:
+    """/proc/stat's "cpu" line (the machine) and one "cpuN" line per vCPU, in ticks."""
     with Path("/proc/stat").open() as stat:
-        return [int(value) for value in stat.readline().split()[1:]]
+        rows = [line.split() for line in stat if line.startswith("cpu")]
+    return [[int(value) for value in row[1:]] for row in rows]
 
 
 def plain_rates(params: Any, data: Path, epochs: int, busy: CpuBusy) -> list[float]:
@@ -313,6 +330,7 @@ def report(args: argparse.Namespace, net: str, variants: dict[str, Any]) -> None
     rates: dict[str, list[float]] = {name: [] for name in variants}
     busy: dict[str, list[float]] = {name: [] for name in variants}
     steal: dict[str, list[float]] = {name: [] for name in variants}
+    vcpus: dict[str, list[list[float]]] = {name: [] for name in variants}
     names = list(variants)
     for round_ in range(args.rounds):
         for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
@@ -321,8 +339,9 @@ def report(args: argparse.Namespace, net: str, variants: dict[str, Any]) -> None
             rates[name] += result["rates"]
             busy[name].append(result["cpu"])
             steal[name].append(result["steal"])
-            print(f"  {net} round {round_ + 1}: {name}: {[round(r) for r in result['rates']]}",
-                  file=sys.stderr)  # fmt: skip
+            vcpus[name].append(result["vcpus"])
+            print(f"  {net} round {round_ + 1}: {name}: {[round(r) for r in result['rates']]} "
+                  f"img/s, vCPUs busy {_percents(result['vcpus'])}", file=sys.stderr)  # fmt: skip
 
     def ceiling(threads: int, dtype: str) -> float:  # images/s if GEMMs ran at measured rate
         seconds = measure(args, "--net", net, "--worker", "roofline", "--threads", str(threads),
@@ -342,14 +361,21 @@ def report(args: argparse.Namespace, net: str, variants: dict[str, Any]) -> None
               f"core ({per_core:,.0f}).")  # fmt: skip
     print()
     print("| variant | median img/s | best img/s | x plain (median) | x plain (best) "
-          "| roofline (median) | CPU busy | steal |\n"
-          "|---|---:|---:|---:|---:|---:|---:|---:|")  # fmt: skip
+          "| roofline (median) | CPU busy | vCPUs busy | steal |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|")  # fmt: skip
     base = rates[names[0]]
     for name in names:
         median, best = statistics.median(rates[name]), max(rates[name])
         print(f"| {name} | {median:,.0f} | {best:,.0f} | {median / statistics.median(base):.2f}x "
               f"| {best / max(base):.2f}x | {median / roofs[dtypes[name]]:.0%} "
-              f"| {statistics.median(busy[name]):.0%} | {max(steal[name]):.0%} |")  # fmt: skip
+              f"| {statistics.median(busy[name]):.0%} "
+              f"| {_percents([statistics.median(c) for c in zip(*vcpus[name], strict=True)])} "
+              f"| {max(steal[name]):.0%} |")  # fmt: skip
+
+
+def _percents(shares: list[float]) -> str:
+    """Busy shares, busiest vCPU first: "98/41%" (one vCPU idle half the time)."""
+    return "/".join(f"{share:.0%}".rstrip("%") for share in shares) + "%"
 
 
 def main() -> None:
