@@ -116,7 +116,7 @@ def test_exp_args_refuse_a_bad_change(pairs: list[str], message: str) -> None:
         exp_run_args("seed002", REPO / "params.yaml", parse_assignments(pairs))
 
 
-# A variant fixes one thing in a recipe: it must differ from its base there and nowhere else.
+# A variant differs from its base in what it names here and nowhere else.
 VARIANTS = {
     "seed000-ns": ("seed000", {"loss.kind": "non_saturating"}),
     "seed000-adam": ("seed000", {"train.lr_g": 2e-4, "train.lr_d": 2e-4, "train.beta1": 0.5}),
@@ -124,6 +124,8 @@ VARIANTS = {
     "seed000-leaky": ("seed000", {"model.activation": "leaky_relu"}),
     "seed002-leaky": ("seed002", {"model.activation": "leaky_relu"}),
     "seed002-dropout": ("seed002", {"model.d_dropout": 0.3}),
+    "default-float32": ("default", {"train.mixed_precision": False, "train.shards": 1}),
+    "best": ("default", {"model.d_hidden": [1536, 768], "train.epochs": 60, "train.lr_d": 2.4e-3}),
 }
 
 
