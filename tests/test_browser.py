@@ -26,6 +26,7 @@ import httpx
 import numpy as np
 import pytest
 import uvicorn
+from filelock import FileLock
 
 from pipeline.images import sample_latents, tile
 from pipeline.inference import Generator
@@ -103,16 +104,19 @@ def service(onnx_generators: dict[str, Path]) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def ort_dist() -> Path:
-    """onnxruntime-web as `make web` gets it: `npm ci` from package-lock.json when missing."""
-    if not all((ORT_DIST / name).is_file() for name in ORT_FILES):
-        npm = shutil.which("npm")
-        assert npm, "npm not found: the static site needs node 20 + npm (see README)"
-        subprocess.run(
-            [npm, "ci", "--ignore-scripts", "--no-audit", "--no-fund"],
-            cwd=REPO,
-            check=True,
-            timeout=300,
-        )
+    """onnxruntime-web as `make web` gets it: `npm ci` from package-lock.json when missing.
+    Under a lock: each pytest-xdist worker runs this fixture, and two `npm ci` at once in one
+    node_modules delete each other's files."""
+    with FileLock(REPO / "node_modules.lock", timeout=600):
+        if not all((ORT_DIST / name).is_file() for name in ORT_FILES):
+            npm = shutil.which("npm")
+            assert npm, "npm not found: the static site needs node 20 + npm (see README)"
+            subprocess.run(
+                [npm, "ci", "--ignore-scripts", "--no-audit", "--no-fund"],
+                cwd=REPO,
+                check=True,
+                timeout=300,
+            )
     return ORT_DIST
 
 
