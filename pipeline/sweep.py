@@ -6,7 +6,8 @@ same (the train stage takes the run name from DVC).
     python -m pipeline.sweep PRESET KEY=V1,V2 [KEY=V ...]   # queue; then `dvc queue start`
 
 DVC's own grid (``dvc exp run --queue -S 'train.lr_g=1e-4,4e-4'``) names runs at random.
-Every point is checked against the schema before anything is queued. The names queued last
+Every point is checked against the schema before anything is queued, and the data is
+downloaded once, before the runs, not by each of them at once. The names queued last
 are kept in ``.dvc/tmp/last-sweep.json`` for ``make ui``'s compare link.
 """
 
@@ -72,6 +73,12 @@ def main(argv: list[str]) -> None:
         commands = queue_commands(argv[0], argv[1:])
     except ParamsError as exc:
         sys.exit(f"error: {exc}")
+    # The data first, into the DVC cache: the queued runs then check it out and skip the
+    # download stage. Otherwise each downloads and commits the same files into the shared
+    # cache at once, and DVC can refuse to replace a file another run is still committing
+    # ("unable to remove ... without a confirmation"): one run of a fresh clone's sweep failed.
+    if subprocess.run([sys.executable, "-m", "dvc", "repro", "download"]).returncode != 0:
+        sys.exit("error: the download stage failed (see above); nothing was queued")
     for command in commands:
         print("queue:", command[5], flush=True)
         queued = subprocess.run([sys.executable, "-m", *command], stdout=subprocess.DEVNULL)

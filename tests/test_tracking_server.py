@@ -212,7 +212,11 @@ def test_queued_sweep_runs_in_parallel_and_logs_into_the_team_server(
     names = {"smoke-lr_g-1e-4": 1e-4, "smoke-lr_g-4e-4": 4e-4}
     sweep = [sys.executable, "-m", "pipeline.sweep", "smoke", "train.lr_g=1e-4,4e-4"]
     sweep.append(f"export.registered_model={model}")
-    queued = subprocess.run(sweep, cwd=repo_copy, capture_output=True, text=True, timeout=300)
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # as make's
+    queued = subprocess.run(
+        sweep, cwd=repo_copy, env={**os.environ, "PATH": path, **env}, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
     assert queued.returncode == 0, queued.stderr
     baseline = _git(repo_copy, "rev-parse", "HEAD")
     dvc(repo_copy, "queue", "start", "-j", "2", env=env)
