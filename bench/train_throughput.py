@@ -28,7 +28,7 @@ best epoch over all rounds, each against the plain loop's median and best. CPU b
 process' CPU time per wall second during the timed epochs, out of all cores (median over
 the rounds); vCPUs busy is each vCPU's busy share over the same time, busiest first (the
 whole machine's: run it on an idle one), so a process packed onto one vCPU shows as "99/3%"
-and one waiting on its own threads as "55/50%"; steal is the largest share of the machine's
+and one that leaves both half idle as "55/50%"; steal is the largest share of the machine's
 CPU time the hypervisor gave to other guests during one run's timed epochs (a shared VM's
 noise, which no code controls).
 
