@@ -8,7 +8,6 @@ Only onnxruntime, numpy and zlib do the work (via :mod:`pipeline.inference` and
 
 import json
 import logging
-import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,8 +267,6 @@ async def generate(
     generator = state.generator
     if generator is None:
         raise NotReadyError(state.reason)
-    # An unseeded request is random, but reports the seed it drew so it can be replayed.
-    seed = secrets.randbelow(2**32) if request.seed is None else request.seed
     # GET's model has no z: looked up in the fields, as getattr's miss costs pydantic an
     # exception per request.
     n, z, latent = request.n, vars(request).get("z"), None
@@ -279,7 +276,9 @@ async def generate(
                 raise InputError("n", n, f"omitted, or len(z) = {len(z)}")
             n, latent = len(z), np.asarray(z, dtype=np.float32)
         n = DEFAULT_N if n is None else n
-        draw = generator.draw(n, seed=seed, digit=request.digit, z=latent)
+        # An unseeded request is random; the seed draw picks (up to MAX_SEED) is reported,
+        # so it can be replayed.
+        draw = generator.draw(n, seed=request.seed, digit=request.digit, z=latent)
     except InputError as error:  # checked before any work: a bad request joins no batch
         raise BadInputError(where, error) from None
     job = Job(generator, draw, request.format, request.dtype)
