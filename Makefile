@@ -36,9 +36,12 @@ test: setup
 # One preset = one ordinary DVC experiment (listed by `dvc exp show` and in MLflow):
 #   make exp PRESET=seed001            # run now
 #   make exp PRESET=seed001 QUEUE=1    # queue it; then `dvc queue start`
+#     (queueing runs the download stage first, as make sweep does: queued runs started with
+#     `-j 2` would otherwise each commit the same data into the DVC cache at once)
 #   make exp PRESET=seed002 SET='train.epochs=300 model.d_dropout=0.3'   # preset + changes
 exp: setup
 	args="$$(python -m pipeline.presets exp-args $(PRESET) $(SET))" && \
+	$(if $(QUEUE),dvc repro download &&) \
 	eval dvc exp run $(if $(QUEUE),--queue) -n "$(PRESET)-$$(date +%Y%m%d-%H%M%S)" $$args
 
 # The train stage on WORKERS workers on this machine (loopback, MultiWorkerMirroredStrategy),
