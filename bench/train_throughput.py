@@ -45,6 +45,7 @@ import contextlib
 import csv
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -91,10 +92,13 @@ class CpuBusy:
     cores; each vCPU's busy share (the whole machine's, from /proc/stat: on an idle machine,
     ours), which tells a process spread over both vCPUs from one packed onto one; and the
     share of the machine's CPU time the hypervisor gave to other guests (steal): what makes a
-    shared VM's epochs slow for no reason of ours."""
+    shared VM's epochs slow for no reason of ours. Also this process' minor page faults per
+    second: memory handed back to the kernel and touched again costs a fault per page (and,
+    where the VM reports free pages to its host, a host fault too)."""
 
     def __init__(self) -> None:
         self.cpu = self.wall = 0.0
+        self.faults = 0
         self.ticks: list[list[int]] = []  # per row of /proc/stat ("cpu", "cpu0", ...): deltas
 
     @contextlib.contextmanager
@@ -102,7 +106,9 @@ class CpuBusy:
         # process_time: nanoseconds of all threads' CPU (os.times counts 10 ms ticks, which
         # reads a short epoch as 0 or 2x busy)
         cpu, wall, ticks = time.process_time(), time.perf_counter(), _cpu_ticks()
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         yield
+        self.faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
         self.cpu += time.process_time() - cpu
         self.wall += time.perf_counter() - wall
         delta = _combine(_cpu_ticks(), ticks, -1)
@@ -116,6 +122,7 @@ class CpuBusy:
             "cpu": self.cpu / self.wall / CORES if self.wall else 0.0,
             "steal": machine[STEAL] / max(sum(machine), 1),
             "vcpus": sorted(busy, reverse=True),
+            "faults_per_s": self.faults / self.wall if self.wall else 0.0,
         }
 
 
@@ -341,7 +348,8 @@ def report(args: argparse.Namespace, net: str, variants: dict[str, Any]) -> None
             steal[name].append(result["steal"])
             vcpus[name].append(result["vcpus"])
             print(f"  {net} round {round_ + 1}: {name}: {[round(r) for r in result['rates']]} "
-                  f"img/s, vCPUs busy {_percents(result['vcpus'])}", file=sys.stderr)  # fmt: skip
+                  f"img/s, vCPUs busy {_percents(result['vcpus'])}, "
+                  f"{result['faults_per_s']:,.0f} page faults/s", file=sys.stderr)  # fmt: skip
 
     def ceiling(threads: int, dtype: str) -> float:  # images/s if GEMMs ran at measured rate
         seconds = measure(args, "--net", net, "--worker", "roofline", "--threads", str(threads),
