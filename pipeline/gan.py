@@ -29,7 +29,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline.losses import discriminator_loss, generator_loss, gradient_penalty
+from pipeline.losses import discriminator_loss, generator_loss, gradient_penalty, mode_seeking
 from pipeline.models import build_discriminator, build_generator, sample_noise
 from pipeline.optimizers import adam
 from pipeline.params import Params
@@ -127,11 +127,17 @@ class GAN:
         )
 
     def _g_losses(self, labels: tf.Tensor, z: tf.Tensor) -> tuple[tf.Tensor]:
+        weight = self.loss.mode_seeking
+        if weight:  # rows 2k and 2k + 1 get the same label: the mode-seeking term's pairs
+            labels = tf.repeat(labels[::2], 2)[: tf.shape(labels)[0]]
         # D judges in inference mode here: its dropout regularises D's own updates, while
         # G learns from the whole discriminator.
         fake = self.generator(self._with_label(z, labels), training=True)
         logits = self.discriminator(self._with_label(fake, labels))
-        return (self._mean(generator_loss(self.loss.kind, logits)),)
+        loss = self._mean(generator_loss(self.loss.kind, logits))
+        if weight:  # 2x per pair: summed over shards and replicas, the mean over all pairs
+            loss += self._mean(2.0 * weight * mode_seeking(fake, z))
+        return (loss,)
 
     def _gradients(
         self,

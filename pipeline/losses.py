@@ -12,6 +12,7 @@ overflow of taking the log of a sigmoid that rounded to 0 or 1.
 - ``hinge``: D minimises relu(1 - D(x)) + relu(1 + D(G(z))); G minimises -D(G(z)).
 
 One-sided label smoothing (real target 1 - s) applies to the two cross-entropy losses.
+The mode-seeking term (:func:`mode_seeking`) can be added to any G loss.
 """
 
 from __future__ import annotations
@@ -54,6 +55,21 @@ def generator_loss(kind: str, fake_logits: tf.Tensor) -> tf.Tensor:
     if kind in ("wgan_gp", "hinge"):
         return -fake
     raise ValueError(f"loss.kind: got {kind!r}; allowed: {list(KINDS)}")
+
+
+def mode_seeking(fake: tf.Tensor, z: tf.Tensor, eps: float = 1e-5) -> tf.Tensor:
+    """Per-pair 1 / (d(G(z1), G(z2)) / d(z1, z2) + eps) [N // 2] over the pairs of rows
+    (0, 1), (2, 3), ... (MSGAN, Mao et al., 2019; d: the mean absolute difference).
+    Minimising it makes G give different images for different latents under the same
+    condition: each pair must share its label, which the caller arranges. Pairs of adjacent
+    rows stay the same pairs when a batch is split into shards of even size."""
+    pairs = tf.shape(z)[0] // 2 * 2
+    flat = tf.reshape(fake, [tf.shape(fake)[0], -1])
+
+    def distance(x: tf.Tensor) -> tf.Tensor:
+        return tf.reduce_mean(tf.abs(x[0:pairs:2] - x[1:pairs:2]), axis=1)
+
+    return 1.0 / (distance(flat) / distance(z) + eps)
 
 
 def gradient_penalty(

@@ -71,6 +71,8 @@ class LossParams(Section):
     label_smoothing: Probability  # one-sided: the real target becomes 1 - s
     gp_weight: Annotated[float, Field(ge=0)]  # wgan_gp only
     d_steps: Annotated[int, Field(ge=1, le=10)]  # discriminator steps per generator step
+    # Weight of the mode-seeking term (Mao et al., 2019) in G's loss; 0 = off (no extra ops)
+    mode_seeking: Annotated[float, Field(ge=0)]
 
 
 class TrainParams(Section):

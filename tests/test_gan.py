@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from pipeline.dataset import make_dataset
-from pipeline.gan import GAN
+from pipeline.gan import GAN, METRICS
 from pipeline.mnist import load_split
 from pipeline.optimizers import FusedAdam
 from pipeline.params import Params
@@ -91,19 +91,28 @@ def test_ema_off_adds_nothing_and_on_leaves_the_training_unchanged(
             np.testing.assert_array_equal(a, b)
 
 
-def _gan_with(smoke_params: Params, steps: int = 100, **train: Any) -> GAN:
+def _gan_with(
+    smoke_params: Params, steps: int = 100, mode_seeking: float = 0.0, **train: Any
+) -> GAN:
     keras.utils.set_random_seed(smoke_params.seed)  # the same initial weights every time
-    params = smoke_params.model_copy(update={"train": smoke_params.train.model_copy(update=train)})
+    params = smoke_params.model_copy(
+        update={
+            "train": smoke_params.train.model_copy(update=train),
+            "loss": smoke_params.loss.model_copy(update={"mode_seeking": mode_seeking}),
+        }
+    )
     return GAN(params, tf.distribute.get_strategy(), steps)
 
 
-@pytest.mark.parametrize("shards", [2, 4])
+@pytest.mark.parametrize(("shards", "mode_seeking"), [(2, 0.0), (4, 0.0), (2, 0.1)])
 def test_shards_compute_the_same_steps_as_one_batch(
-    smoke_params: Params, mnist_dir: Path, shards: int
+    smoke_params: Params, mnist_dir: Path, shards: int, mode_seeking: float
 ) -> None:
     """train.shards splits each batch into independent parts (one core each on CPU) and sums
-    their gradients: the same maths as one batch, up to float rounding."""
-    whole, split = _gan_with(smoke_params, shards=1), _gan_with(smoke_params, shards=shards)
+    their gradients: the same maths as one batch, up to float rounding. The mode-seeking
+    term's pairs (adjacent rows) are the same pairs in both."""
+    whole = _gan_with(smoke_params, shards=1, mode_seeking=mode_seeking)
+    split = _gan_with(smoke_params, shards=shards, mode_seeking=mode_seeking)
     initial = whole.generator.get_weights()[0].copy()
     sums = [gan.train_block(_batches(smoke_params, mnist_dir), tf.constant(3))[0].numpy()
             for gan in (whole, split)]  # fmt: skip
@@ -114,6 +123,18 @@ def test_shards_compute_the_same_steps_as_one_batch(
             getattr(whole, net).get_weights(), getattr(split, net).get_weights(), strict=True
         ):
             np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_mode_seeking_adds_its_term_to_gs_loss(smoke_params: Params, mnist_dir: Path) -> None:
+    """From the same weights and batch, G's first loss with the term exceeds the plain one
+    by about weight x the mean 1 / ratio (positive, here several units); D's does not move."""
+    sums = []
+    for weight in (0.0, 1.0):
+        gan = _gan_with(smoke_params, mode_seeking=weight)
+        sums.append(gan.train_block(_batches(smoke_params, mnist_dir), tf.constant(1))[0].numpy())
+    metrics = {name: index for index, name in enumerate(METRICS)}
+    assert sums[1][metrics["d_loss"]] == sums[0][metrics["d_loss"]]  # D steps first, unchanged
+    assert sums[1][metrics["g_loss"]] > sums[0][metrics["g_loss"]] + 0.5
 
 
 def test_fused_adam_takes_keras_adams_steps() -> None:

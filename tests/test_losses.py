@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline.losses import discriminator_loss, generator_loss, gradient_penalty
+from pipeline.losses import discriminator_loss, generator_loss, gradient_penalty, mode_seeking
 
 REAL = tf.constant([[0.0], [2.0]])
 FAKE = tf.constant([[0.0], [-1.0]])
@@ -65,6 +65,14 @@ def test_gradient_penalty_of_a_linear_critic() -> None:
     real, fake = tf.ones([3, 28, 28, 1]), -tf.ones([3, 28, 28, 1])
     eps = tf.constant([0.0, 0.3, 1.0])[:, None, None, None]
     np.testing.assert_allclose(gradient_penalty(critic, real, fake, eps).numpy(), [169.0] * 3)
+
+
+def test_mode_seeking_pairs_adjacent_rows() -> None:
+    # Pair (0, 1): images 1 apart, latents 2 apart: 1 / (1 / 2) = 2. Pair (2, 3): the same
+    # image from two latents (a collapsed pair): 1 / eps. Row 4 has no partner.
+    fake = tf.constant([[0.0, 0.0], [1.0, 1.0], [0.0, 0.0], [0.0, 0.0], [9.0, 9.0]])
+    z = tf.constant([[0.0, 0.0], [2.0, 2.0], [0.0, 0.0], [1.0, 1.0], [5.0, 5.0]])
+    np.testing.assert_allclose(mode_seeking(fake, z, eps=1e-5).numpy(), [2.0, 1e5], rtol=1e-4)
 
 
 def test_unknown_kind_is_refused() -> None:
