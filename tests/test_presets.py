@@ -125,7 +125,15 @@ VARIANTS = {
     "seed002-leaky": ("seed002", {"model.activation": "leaky_relu"}),
     "seed002-dropout": ("seed002", {"model.d_dropout": 0.3}),
     "default-float32": ("default", {"train.mixed_precision": False, "train.shards": 1}),
-    "best": ("default", {"model.d_hidden": [1536, 768], "train.epochs": 60, "train.lr_d": 2.4e-3}),
+    "best": (
+        "default",
+        {
+            "model.d_hidden": [1024, 512],
+            "train.epochs": 60,
+            "train.lr_d": 2.4e-3,
+            "loss.mode_seeking": 0.1,
+        },
+    ),
 }
 
 
