@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import mlflow
 import requests
 from filelock import FileLock
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline import run_logger
@@ -65,7 +66,17 @@ def experiment_id(name: str, uri: str) -> str:
         location = None
         if uri.startswith(("sqlite:", "file:", "/")):
             location = (repo_root() / "mlartifacts" / name).as_uri()
-        return client.create_experiment(name, artifact_location=location)
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except MlflowException as error:
+            # A server has no lock of ours: two queued runs can both find no experiment,
+            # and the second create is refused. Join the one the other run made.
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+            return experiment.experiment_id
 
 
 def git_commit() -> str:

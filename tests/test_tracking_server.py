@@ -111,6 +111,26 @@ def test_wrong_tracking_uris_fail_first_with_one_line(
     tracking.check_server(server.uri)  # the real one passes
 
 
+def test_a_run_joins_the_experiment_another_run_created_meanwhile(
+    server: TrackingServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two queued runs can both find no experiment on the server; the second one's create is
+    refused (RESOURCE_ALREADY_EXISTS), and it must join the first's, not fail. The race is
+    replayed: the experiment exists, but the first lookup misses it as a run that looked a
+    moment earlier would have."""
+    name = "created-meanwhile"
+    first = MlflowClient(server.uri).create_experiment(name)
+    lookup, looked = MlflowClient.get_experiment_by_name, []
+
+    def a_moment_earlier(client: MlflowClient, wanted: str) -> Any:
+        looked.append(wanted)
+        return None if len(looked) == 1 else lookup(client, wanted)
+
+    monkeypatch.setattr(MlflowClient, "get_experiment_by_name", a_moment_earlier)
+    assert tracking.experiment_id(name, server.uri) == first
+    assert looked == [name, name]
+
+
 def test_run_logger_names_what_a_gone_server_never_got(server: TrackingServer) -> None:
     """Past the wait bound, what is still queued is named in one error, not silently lost."""
     client = MlflowClient(server.uri)
