@@ -276,7 +276,7 @@ async def generate(
                 raise InputError("n", n, f"omitted, or len(z) = {len(z)}")
             n, latent = len(z), np.asarray(z, dtype=np.float32)
         n = DEFAULT_N if n is None else n
-        # An unseeded request is random; the seed draw picks (up to MAX_SEED) is reported,
+        # An unseeded request is random; the seed that draw picks (up to MAX_SEED) is reported,
         # so it can be replayed.
         draw = generator.draw(n, seed=request.seed, digit=request.digit, z=latent)
     except InputError as error:  # checked before any work: a bad request joins no batch
