@@ -126,8 +126,8 @@ def test_shards_compute_the_same_steps_as_one_batch(
 
 
 def test_mode_seeking_adds_its_term_to_gs_loss(smoke_params: Params, mnist_dir: Path) -> None:
-    """From the same weights and batch, G's first loss with the term exceeds the plain one
-    by about weight x the mean 1 / ratio (positive, here several units); D's does not move."""
+    """From the same weights and batch, G's first loss with the term (weight 1) exceeds the
+    plain one by more than half a unit (the term is positive, 1 / ratio); D's does not move."""
     sums = []
     for weight in (0.0, 1.0):
         gan = _gan_with(smoke_params, mode_seeking=weight)
