@@ -81,11 +81,15 @@ def set_up(params: Params) -> Iterator[tf.distribute.Strategy]:
         keras.utils.set_random_seed(params.seed)
         strategy = pick_strategy(train.strategy)
         parts = strategy.num_replicas_in_sync * train.shards
-        if train.batch_size % parts:
+        # The minibatch-stddev feature groups rows in blocks of 2 x its group size, which
+        # must not straddle two slices (nor D's real and fake halves).
+        block = 2 * params.model.d_minibatch_std or 1
+        if train.batch_size % (parts * block):
+            why = f" x blocks of {block} rows (model.d_minibatch_std)" if block > 1 else ""
             raise ValueError(
                 f"train.batch_size: got {train.batch_size}; must be a multiple of "
-                f"{parts} ({strategy.num_replicas_in_sync} replicas of strategy "
-                f"{train.strategy!r} x train.shards {train.shards})"
+                f"{parts * block} ({strategy.num_replicas_in_sync} replicas of strategy "
+                f"{train.strategy!r} x train.shards {train.shards}{why})"
             )
         name, replicas = type(strategy).__name__, strategy.num_replicas_in_sync
         log.info("strategy %s with %d replicas", name, replicas)

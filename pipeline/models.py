@@ -4,7 +4,9 @@ Two families: ``mlp`` (the seed presets: dense layers of the given sizes, activa
 initialiser from params) and ``dcgan`` (the conv nets of the TensorFlow DCGAN tutorial, as
 published: only ``output`` and ``conditional`` apply). Either can be conditional: the class
 label goes through an ``Embedding`` into both nets, so a user can ask for a given digit.
-Only stock Keras layers are used, so the saved ``.keras`` files load without this module.
+The generator is built from stock Keras layers only, so its saved ``.keras`` file loads
+without this module; so is the discriminator, unless ``d_minibatch_std`` adds this module's
+:class:`MinibatchStd` (registered with Keras: it loads once this module is imported).
 
 The discriminator always returns logits: the losses apply the sigmoid themselves, which is
 numerically stable where ``log(sigmoid(x))`` computed in two steps is not.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import keras
 import tensorflow as tf
@@ -93,10 +96,42 @@ def build_generator(model: ModelParams) -> keras.Model:
     return keras.Model(inputs if model.conditional else z, image, name="generator")
 
 
+@keras.saving.register_keras_serializable(package="pipeline")
+class MinibatchStd(layers.Layer):
+    """Appends one feature per row: how much the rows of its group differ (the mean over
+    features of their standard deviation; Karras et al., 2018). A D that sees it can tell a
+    batch of near-copies from a varied one, so G is pushed to vary within the batch.
+
+    A group is ``group`` rows of the same parity within a block of ``2 * group`` consecutive
+    rows: the mode-seeking term's pairs (2k, 2k + 1) never share a group, and D's call on
+    [real; fake] never mixes the two when each half is a whole number of blocks."""
+
+    def __init__(self, group: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.group = group
+
+    def call(self, x: tf.Tensor) -> tf.Tensor:
+        width = x.shape[-1]
+        blocks = keras.ops.reshape(keras.ops.cast(x, "float32"), (-1, self.group, 2, width))
+        std = keras.ops.sqrt(keras.ops.var(blocks, axis=1, keepdims=True) + 1e-8)
+        spread = keras.ops.mean(std, axis=-1, keepdims=True)  # [blocks, 1, 2, 1]
+        spread = keras.ops.broadcast_to(spread, (keras.ops.shape(blocks)[0], self.group, 2, 1))
+        spread = keras.ops.cast(keras.ops.reshape(spread, (-1, 1)), x.dtype)
+        return keras.ops.concatenate([x, spread], axis=-1)
+
+    def compute_output_shape(self, shape: tuple) -> tuple:
+        return (*shape[:-1], shape[-1] + 1)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "group": self.group}
+
+
 def _mlp_discriminator(
     model: ModelParams, x: keras.KerasTensor, label: keras.KerasTensor | None
 ) -> keras.KerasTensor:
     for index, units in enumerate(model.d_hidden):
+        if model.d_minibatch_std and index == len(model.d_hidden) - 1:
+            x = MinibatchStd(model.d_minibatch_std)(x)
         x = layers.Dense(units, kernel_initializer=_kernel_init(model))(x)
         if label is not None and index == 0:
             # The label enters as one learned vector per class, added to the first layer:

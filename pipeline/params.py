@@ -54,6 +54,7 @@ class ModelParams(Section):
     g_hidden: list[PositiveInt]  # mlp only
     d_hidden: list[PositiveInt]  # mlp only
     d_dropout: Probability  # mlp only: dropout after each hidden layer of D
+    d_minibatch_std: Annotated[int, Field(ge=0)]  # mlp only: group size (0 = off)
     activation: Literal["relu", "leaky_relu"]
     leaky_alpha: Annotated[float, Field(gt=0, lt=1)]
     init: Literal["glorot", "truncated_normal"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from pipeline.dataset import make_dataset
+from pipeline.distribute import set_up
 from pipeline.gan import GAN, METRICS
 from pipeline.mnist import load_split
 from pipeline.optimizers import FusedAdam
@@ -92,11 +94,16 @@ def test_ema_off_adds_nothing_and_on_leaves_the_training_unchanged(
 
 
 def _gan_with(
-    smoke_params: Params, steps: int = 100, mode_seeking: float = 0.0, **train: Any
+    smoke_params: Params,
+    steps: int = 100,
+    mode_seeking: float = 0.0,
+    minibatch_std: int = 0,
+    **train: Any,
 ) -> GAN:
     keras.utils.set_random_seed(smoke_params.seed)  # the same initial weights every time
     params = smoke_params.model_copy(
         update={
+            "model": smoke_params.model.model_copy(update={"d_minibatch_std": minibatch_std}),
             "train": smoke_params.train.model_copy(update=train),
             "loss": smoke_params.loss.model_copy(update={"mode_seeking": mode_seeking}),
         }
@@ -104,15 +111,22 @@ def _gan_with(
     return GAN(params, tf.distribute.get_strategy(), steps)
 
 
-@pytest.mark.parametrize(("shards", "mode_seeking"), [(2, 0.0), (4, 0.0), (2, 0.1)])
+@pytest.mark.parametrize(
+    ("shards", "mode_seeking", "minibatch_std"), [(2, 0.0, 0), (4, 0.0, 0), (2, 0.1, 4)]
+)
 def test_shards_compute_the_same_steps_as_one_batch(
-    smoke_params: Params, mnist_dir: Path, shards: int, mode_seeking: float
+    smoke_params: Params, mnist_dir: Path, shards: int, mode_seeking: float, minibatch_std: int
 ) -> None:
     """train.shards splits each batch into independent parts (one core each on CPU) and sums
     their gradients: the same maths as one batch, up to float rounding. The mode-seeking
-    term's pairs (adjacent rows) are the same pairs in both."""
-    whole = _gan_with(smoke_params, shards=1, mode_seeking=mode_seeking)
-    split = _gan_with(smoke_params, shards=shards, mode_seeking=mode_seeking)
+    term's pairs (adjacent rows) and the minibatch-stddev feature's groups (within blocks of
+    consecutive rows) are the same in both."""
+    whole = _gan_with(
+        smoke_params, shards=1, mode_seeking=mode_seeking, minibatch_std=minibatch_std
+    )
+    split = _gan_with(
+        smoke_params, shards=shards, mode_seeking=mode_seeking, minibatch_std=minibatch_std
+    )
     initial = whole.generator.get_weights()[0].copy()
     sums = [gan.train_block(_batches(smoke_params, mnist_dir), tf.constant(3))[0].numpy()
             for gan in (whole, split)]  # fmt: skip
@@ -123,6 +137,22 @@ def test_shards_compute_the_same_steps_as_one_batch(
             getattr(whole, net).get_weights(), getattr(split, net).get_weights(), strict=True
         ):
             np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_minibatch_std_groups_must_fit_in_a_slice(smoke_params: Params) -> None:
+    """Blocks of 2 x group rows may not straddle two slices: said before any weight exists."""
+    params = smoke_params.model_copy(
+        update={
+            "model": smoke_params.model.model_copy(update={"d_minibatch_std": 8}),
+            "train": smoke_params.train.model_copy(update={"batch_size": 48, "shards": 2}),
+        }
+    )
+    message = "train.batch_size: got 48; must be a multiple of 32 (1 replicas of strategy "
+    with (
+        pytest.raises(ValueError, match=re.escape(message) + ".*model.d_minibatch_std"),
+        set_up(params),
+    ):
+        pass
 
 
 def test_mode_seeking_adds_its_term_to_gs_loss(smoke_params: Params, mnist_dir: Path) -> None:

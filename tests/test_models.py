@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from pipeline.images import sample_latents
-from pipeline.models import build_discriminator, build_generator, sample_noise
+from pipeline.models import MinibatchStd, build_discriminator, build_generator, sample_noise
 from pipeline.params import Params
 
 
@@ -93,6 +93,35 @@ def test_mlp_discriminator_dropout(smoke_params: Params, rate: float) -> None:
     np.testing.assert_array_equal(d(images).numpy(), d(images).numpy())
     trained = [d(images, training=True).numpy() for _ in range(2)]
     assert np.array_equal(*trained) == (not rate)
+
+
+def test_minibatch_std_adds_each_groups_spread(smoke_params: Params, tmp_path: Path) -> None:
+    """Group g of a block of 2 x 4 rows is its rows of parity g: the feature is their standard
+    deviation averaged over features, the same for each of them, and a change to one row
+    moves its own group's feature only (not the mode-seeking partner's, in the other)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 5)).astype(np.float32)
+    out = MinibatchStd(4)(x).numpy()
+    np.testing.assert_array_equal(out[:, :5], x)
+    expected = x.reshape(2, 4, 2, 5).std(axis=1).mean(axis=-1)  # [block, parity]
+    np.testing.assert_allclose(
+        out[:, 5].reshape(2, 4, 2), np.repeat(expected[:, None], 4, 1), rtol=1e-5
+    )
+    moved = x.copy()
+    moved[2] += 3.0  # block 0, parity 0
+    changed = MinibatchStd(4)(moved).numpy()[:, 5] != out[:, 5]
+    assert changed.tolist() == [i < 8 and i % 2 == 0 for i in range(16)]
+
+    model = _model_params(smoke_params, d_hidden=[64, 32], d_minibatch_std=4, conditional=True)
+    d = build_discriminator(model)
+    dense = [layer for layer in d.layers if isinstance(layer, keras.layers.Dense)]
+    # The feature joins the input of the last hidden layer: 64 + 1 inputs.
+    assert [tuple(layer.kernel.shape) for layer in dense] == [(784, 64), (65, 32), (32, 1)]
+    d.save(tmp_path / "d.keras")  # registered: loads where pipeline.models is imported
+    images = rng.uniform(-1, 1, size=(8, 28, 28, 1)).astype(np.float32)
+    labels = np.arange(8, dtype=np.int32)
+    loaded = keras.models.load_model(tmp_path / "d.keras")
+    np.testing.assert_array_equal(d([images, labels]).numpy(), loaded([images, labels]).numpy())
 
 
 def test_saved_models_load_without_pipeline_code(smoke_params: Params, tmp_path: Path) -> None:

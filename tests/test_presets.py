@@ -132,6 +132,7 @@ VARIANTS = {
             "train.epochs": 60,
             "train.lr_d": 2.4e-3,
             "loss.mode_seeking": 0.1,
+            "model.d_minibatch_std": 8,
         },
     ),
 }
