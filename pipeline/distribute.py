@@ -81,9 +81,10 @@ def set_up(params: Params) -> Iterator[tf.distribute.Strategy]:
         keras.utils.set_random_seed(params.seed)
         strategy = pick_strategy(train.strategy)
         parts = strategy.num_replicas_in_sync * train.shards
-        # The minibatch-stddev feature groups rows in blocks of 2 x its group size, which
-        # must not straddle two slices (nor D's real and fake halves).
-        block = 2 * params.model.d_minibatch_std or 1
+        # The MLP's minibatch-stddev feature groups rows in blocks of 2 x its group size,
+        # which must not straddle two slices (nor D's real and fake halves).
+        model = params.model
+        block = 2 * model.d_minibatch_std if model.arch == "mlp" and model.d_minibatch_std else 1
         if train.batch_size % (parts * block):
             why = f" x blocks of {block} rows (model.d_minibatch_std)" if block > 1 else ""
             raise ValueError(

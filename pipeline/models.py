@@ -131,6 +131,7 @@ def _mlp_discriminator(
 ) -> keras.KerasTensor:
     for index, units in enumerate(model.d_hidden):
         if model.d_minibatch_std and index == len(model.d_hidden) - 1:
+            # Where ProGAN puts it: the last layers can weigh the spread against the image.
             x = MinibatchStd(model.d_minibatch_std)(x)
         x = layers.Dense(units, kernel_initializer=_kernel_init(model))(x)
         if label is not None and index == 0:
