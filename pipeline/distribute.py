@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from pipeline import cpu
 from pipeline.dataset import make_dataset
-from pipeline.models import dtype_policy
+from pipeline.models import dtype_policy, minibatch_block
 from pipeline.params import Params, TrainParams
 
 log = logging.getLogger(__name__)
@@ -81,10 +81,7 @@ def set_up(params: Params) -> Iterator[tf.distribute.Strategy]:
         keras.utils.set_random_seed(params.seed)
         strategy = pick_strategy(train.strategy)
         parts = strategy.num_replicas_in_sync * train.shards
-        # The MLP's minibatch-stddev feature groups rows in blocks of 2 x its group size,
-        # which must not straddle two slices (nor D's real and fake halves).
-        model = params.model
-        block = 2 * model.d_minibatch_std if model.arch == "mlp" and model.d_minibatch_std else 1
+        block = minibatch_block(params.model)  # D's minibatch groups may not straddle slices
         if train.batch_size % (parts * block):
             why = f" x blocks of {block} rows (model.d_minibatch_std)" if block > 1 else ""
             raise ValueError(

@@ -126,6 +126,13 @@ class MinibatchStd(layers.Layer):
         return {**super().get_config(), "group": self.group}
 
 
+def minibatch_block(model: ModelParams) -> int:
+    """Rows per block of :class:`MinibatchStd`'s groups in the discriminator ``model`` builds
+    (1: it builds none). A slice of a batch, and each half of D's [real; fake] call, must
+    hold whole blocks."""
+    return 2 * model.d_minibatch_std if model.arch == "mlp" and model.d_minibatch_std else 1
+
+
 def _mlp_discriminator(
     model: ModelParams, x: keras.KerasTensor, label: keras.KerasTensor | None
 ) -> keras.KerasTensor:
