@@ -34,8 +34,12 @@ noise, which no code controls).
 
 Roofline: each dense layer's GEMM is timed alone at the net's batch with TensorFlow's matmul,
 and weighted by the GEMMs of that layer one training iteration runs (forward, weight and
-input gradients of the D and the G step). Timed on all cores, and on one thread (times the
-cores: one GEMM stream per core, as if perfectly parallel); the faster is the roofline.
+input gradients of the D and the G step). Timed on all cores, and as one stream on one
+thread (times the cores: one GEMM stream per core, as if perfectly parallel); the faster is
+the roofline. One stream means one intra-op *and* one inter-op thread: with more inter-op
+threads, TensorFlow runs the timing loop's independent matmuls side by side on every core,
+and the "one core" figure, then multiplied by the cores, counted each core twice (the
+roofline read 2x the machine's; the worker now reports the cores its timing kept busy).
 """
 
 from __future__ import annotations
@@ -221,28 +225,42 @@ def trainer_rates(params: Any, data: Path, epochs: int, busy: CpuBusy) -> list[f
         return [float(row["images_per_s"]) for row in rows[1:]]  # after the warm-up epoch
 
 
-def roofline(net: str, threads: int, dtype: str) -> float:
+def roofline(net: str, threads: int, dtype: str) -> dict[str, float]:
     """Seconds of GEMM per training image at the measured matmul rate of each layer in
-    ``dtype`` (MLP nets: the only ones whose GEMMs this counts)."""
+    ``dtype`` on ``threads`` threads (MLP nets: the only ones whose GEMMs this counts), the
+    FLOPs they stand for, and the most cores one GEMM's timing kept busy."""
     import keras
     import tensorflow as tf
 
     from pipeline.models import build_discriminator, build_generator
 
     with contextlib.suppress(RuntimeError):  # TF already started (a test): pools stay
+        # Both pools: the loop's matmuls are independent, and with two inter-op threads two
+        # of them run at once, one per core, however few threads each op has.
         tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
     params = load(net, {})
-    batch, seconds = params.train.batch_size, 0.0
+    batch, seconds, flops, busy = params.train.batch_size, 0.0, 0.0, 0.0
     for build, first_count, other_count in ((build_generator, 3, 4), (build_discriminator, 6, 8)):
         layers = build(params.model).layers
         kernels = [layer.kernel for layer in layers if isinstance(layer, keras.layers.Dense)]
         for index, kernel in enumerate(kernels):
             count = first_count if index == 0 else other_count
-            seconds += count * gemm_seconds(batch, *kernel.shape, dtype) / batch
-    return seconds
+            gemm, cores_busy = gemm_seconds(batch, *kernel.shape, dtype)
+            seconds += count * gemm / batch
+            flops += count * 2 * kernel.shape[0] * kernel.shape[1]
+            busy = max(busy, cores_busy)
+    peak = 2 * PEAK_SIDE**3 / gemm_seconds(PEAK_SIDE, PEAK_SIDE, PEAK_SIDE, dtype, repeat=20)[0]
+    return {"seconds_per_image": seconds, "flops_per_image": flops, "cores_busy": busy,
+            "peak_flops": peak}  # fmt: skip
 
 
-def gemm_seconds(m: int, k: int, n: int, dtype: str, repeat: int = 200) -> float:
+PEAK_SIDE = 1024  # a GEMM large enough to run near the cores' peak: what no roofline may pass
+
+
+def gemm_seconds(m: int, k: int, n: int, dtype: str, repeat: int = 200) -> tuple[float, float]:
+    """The best of five timings of one ``[m, k] x [k, n]`` matmul, and the cores it kept busy
+    (CPU time per wall second of all five)."""
     import tensorflow as tf
 
     a, b = (tf.cast(tf.random.normal(shape), dtype) for shape in ([m, k], [k, n]))
@@ -255,18 +273,18 @@ def gemm_seconds(m: int, k: int, n: int, dtype: str, repeat: int = 200) -> float
         return total
 
     many().numpy()
-    best = float("inf")
+    best, cpu, wall = float("inf"), time.process_time(), time.perf_counter()
     for _ in range(5):
         began = time.perf_counter()
         many().numpy()
         best = min(best, (time.perf_counter() - began) / repeat)
-    return best
+    return best, (time.process_time() - cpu) / (time.perf_counter() - wall)
 
 
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     """One measurement, in this process."""
     if args.worker == "roofline":
-        return {"seconds_per_image": roofline(args.net, args.threads, args.dtype)}
+        return roofline(args.net, args.threads, args.dtype)
     if args.worker == "gpu":
         return {"runs": gpu_runs(args)}
     overrides = json.loads(args.worker)
@@ -351,10 +369,11 @@ def report(args: argparse.Namespace, net: str, variants: dict[str, Any]) -> None
                   f"img/s, vCPUs busy {_percents(result['vcpus'])}, "
                   f"{result['faults_per_s']:,.0f} page faults/s", file=sys.stderr)  # fmt: skip
 
-    def ceiling(threads: int, dtype: str) -> float:  # images/s if GEMMs ran at measured rate
-        seconds = measure(args, "--net", net, "--worker", "roofline", "--threads", str(threads),
-                          "--dtype", dtype)  # fmt: skip
-        return CORES / threads / seconds["seconds_per_image"]
+    def ceiling(threads: int, dtype: str) -> tuple[float, dict[str, float]]:
+        """Images/s if the GEMMs ran at their measured rate, and what the worker measured."""
+        gemms = measure(args, "--net", net, "--worker", "roofline", "--threads", str(threads),
+                        "--dtype", dtype)  # fmt: skip
+        return CORES / threads / gemms["seconds_per_image"], gemms
 
     params = load(net, {})
     print(f"\n**{net}** net, batch {params.train.batch_size}, {args.images:,} images an epoch, "
@@ -362,11 +381,14 @@ def report(args: argparse.Namespace, net: str, variants: dict[str, Any]) -> None
     roofs = {}
     dtypes = {name: compute_dtype(load(net, spec or FLOAT32)) for name, spec in variants.items()}
     for dtype in sorted(set(dtypes.values()), reverse=True):
-        all_cores, per_core = ceiling(CORES, dtype), ceiling(1, dtype)
+        (all_cores, whole), (per_core, stream) = ceiling(CORES, dtype), ceiling(1, dtype)
         roofs[dtype] = max(all_cores, per_core)
-        print(f"Roofline in {dtype}: {roofs[dtype]:,.0f} images/s, the faster of TF matmul on "
-              f"all {CORES} cores ({all_cores:,.0f}) and one single-threaded GEMM stream per "
-              f"core ({per_core:,.0f}).")  # fmt: skip
+        print(f"Roofline in {dtype}: {roofs[dtype]:,.0f} images/s "
+              f"({roofs[dtype] * stream['flops_per_image'] / 1e9:,.0f} GFLOP/s), the faster of "
+              f"TF matmul on all {CORES} cores ({all_cores:,.0f}) and one single-threaded GEMM "
+              f"stream per core ({per_core:,.0f}; its timing kept {stream['cores_busy']:.2f} "
+              f"cores busy). A {PEAK_SIDE}x{PEAK_SIDE} GEMM: {whole['peak_flops'] / 1e9:,.0f} "
+              f"GFLOP/s on all cores, {stream['peak_flops'] / 1e9:,.0f} on one.")  # fmt: skip
     print()
     print("| variant | median img/s | best img/s | x plain (median) | x plain (best) "
           "| roofline (median) | CPU busy | vCPUs busy | steal |\n"

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 
-from bench.train_throughput import worker
+from bench.train_throughput import measure, worker
 from pipeline.inference import Generator
 
 pytestmark = pytest.mark.slow
@@ -39,8 +39,24 @@ def test_each_variant_reports_its_epoch_rates(mnist_dir: Path, spec: dict[str, o
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_roofline_counts_each_dense_layer(mnist_dir: Path, dtype: str) -> None:
-    seconds = worker(_args(mnist_dir, "roofline", threads=1, dtype=dtype))["seconds_per_image"]
-    assert 0 < seconds < 1e-3
+    gemms = worker(_args(mnist_dir, "roofline", threads=1, dtype=dtype))
+    assert 0 < gemms["seconds_per_image"] < 1e-3 and gemms["peak_flops"] > 0
+    # smoke net: G (latent 100 + label 50) -> 32 -> 784, D 784 -> 32 -> 1. Per image, a
+    # first layer runs 3 (G) or 6 (D: real and fake) GEMMs an iteration, the others 4 or 8.
+    g, d = 2 * (3 * 150 * 32 + 4 * 32 * 784), 2 * (6 * 784 * 32 + 8 * 32 * 1)
+    assert gemms["flops_per_image"] == g + d
+
+
+def test_the_roofline_stream_keeps_one_core_busy(mnist_dir: Path) -> None:
+    """The "one GEMM stream per core" figure is multiplied by the cores, so its timing must
+    run one matmul at a time: with TensorFlow's default inter-op pool it ran the timing
+    loop's independent matmuls on every core at once, and the roofline counted each core
+    twice. A fresh process, as the benchmark runs it (its thread pools are set at start-up);
+    the default net, whose GEMMs are big enough to keep a second core busy."""
+    args = argparse.Namespace(data=mnist_dir, images=256, epochs=1)
+    gemms = measure(args, "--net", "default", "--worker", "roofline", "--threads", "1",
+                    "--dtype", "float32")  # fmt: skip
+    assert 0.5 < gemms["cores_busy"] < 1.2
 
 
 def test_the_latency_benchmarks_reference_graph_scales_on_4d(
