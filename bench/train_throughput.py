@@ -79,6 +79,13 @@ XLA = ("trainer + XLA (train.jit_compile=true)", {"train.jit_compile": True})
 BF16 = ("trainer, bfloat16, one shard", {"train.mixed_precision": True, "train.shards": 1})
 
 
+def worker_spec(spec: dict[str, Any] | None) -> dict[str, Any]:
+    """What a variant's worker is told: the plain loop (``None``) or the trainer's overrides,
+    which may be empty (``{}``: params.yaml itself; until 2026-12-02 an ``or`` here ran the
+    plain loop in the "as users run it" row)."""
+    return {"plain": True} if spec is None else spec
+
+
 def compute_dtype(params: Any) -> str:
     """What the trainer computes in on this CPU (pipeline.distribute.configure_devices)."""
     return "bfloat16" if params.train.mixed_precision and native_bfloat16() else "float32"
@@ -360,7 +367,7 @@ def report(args: argparse.Namespace, net: str, variants: dict[str, Any]) -> None
     for round_ in range(args.rounds):
         for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
             spec = variants[name]
-            result = measure(args, "--net", net, "--worker", json.dumps(spec or {"plain": True}))
+            result = measure(args, "--net", net, "--worker", json.dumps(worker_spec(spec)))
             rates[name] += result["rates"]
             busy[name].append(result["cpu"])
             steal[name].append(result["steal"])
@@ -379,7 +386,10 @@ def report(args: argparse.Namespace, net: str, variants: dict[str, Any]) -> None
     print(f"\n**{net}** net, batch {params.train.batch_size}, {args.images:,} images an epoch, "
           f"{args.rounds} rounds x {args.epochs} epochs per variant.")  # fmt: skip
     roofs = {}
-    dtypes = {name: compute_dtype(load(net, spec or FLOAT32)) for name, spec in variants.items()}
+    dtypes = {
+        name: compute_dtype(load(net, FLOAT32 if spec is None else spec))
+        for name, spec in variants.items()
+    }
     for dtype in sorted(set(dtypes.values()), reverse=True):
         (all_cores, whole), (per_core, stream) = ceiling(CORES, dtype), ceiling(1, dtype)
         roofs[dtype] = max(all_cores, per_core)

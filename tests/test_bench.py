@@ -12,7 +12,8 @@ import numpy as np
 import onnx
 import pytest
 
-from bench.train_throughput import measure, worker
+from bench import train_throughput
+from bench.train_throughput import VARIANTS, measure, report, worker
 from pipeline.inference import Generator
 
 pytestmark = pytest.mark.slow
@@ -35,6 +36,27 @@ def test_each_variant_reports_its_epoch_rates(mnist_dir: Path, spec: dict[str, o
     assert shares[-1] >= 0 and 0 < shares[0] <= 1
     after = {key: os.environ.get(key) for key in before}
     assert after == before  # the trainer's temp MLflow store is not left behind
+
+
+def test_each_variant_runs_its_own_worker(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The plain loop once, and every trainer row with its own overrides: the "as users run
+    it" row's are empty, and an ``or`` once sent it the plain loop's spec instead."""
+    told: list[object] = []
+
+    def fake_measure(args: argparse.Namespace, *worker_args: str) -> dict[str, object]:
+        spec = worker_args[worker_args.index("--worker") + 1]
+        if spec == "roofline":
+            return {"seconds_per_image": 1e-4, "flops_per_image": 1e6, "cores_busy": 1.0,
+                    "peak_flops": 1e9}  # fmt: skip
+        told.append(json.loads(spec))
+        return {"rates": [1.0], "cpu": 0.5, "steal": 0.0, "vcpus": [0.5], "faults_per_s": 0.0}
+
+    monkeypatch.setattr(train_throughput, "measure", fake_measure)
+    report(argparse.Namespace(rounds=1, images=256, epochs=1), "smoke", VARIANTS)
+    assert told == [{"plain": True} if spec is None else spec for spec in VARIANTS.values()]
+    assert {} in told and "| trainer as users run it" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
