@@ -39,7 +39,7 @@ thread (times the cores: one GEMM stream per core, as if perfectly parallel); th
 the roofline. One stream means one intra-op *and* one inter-op thread: with more inter-op
 threads, TensorFlow runs the timing loop's independent matmuls side by side on every core,
 and the "one core" figure, then multiplied by the cores, counted each core twice (the
-roofline read 2x the machine's; the worker now reports the cores its timing kept busy).
+roofline read about 1.9x the machine's; the worker now reports the cores its timing kept busy).
 """
 
 from __future__ import annotations
