@@ -9,8 +9,10 @@ up to the next sample/checkpoint) inside one ``tf.function`` that pulls batches 
 ``tf.data`` iterator, so Python wakes up once per block. Within a step, each batch is
 computed as ``train.shards`` independent slices whose gradients are summed: TensorFlow runs
 them side by side, one core each on CPU, where one op of a net this small cannot use two
-cores. D judges real and fake images in one call, and Adam updates each variable in one
-kernel (``FusedAdam``): fewer, bigger ops, because per-op overhead is what limits the step.
+cores. D judges real and fake images in one call, Adam updates each variable in one kernel
+(``FusedAdam``), and each weight is read once for all the shards and calls that use it (so
+under mixed precision it is cast to bfloat16 once, not per call): fewer, bigger ops, because
+per-op overhead is what limits the step.
 
 Determinism: one ``seed`` sets the weight init, the noise stream (a ``tf.random.Generator``
 whose state is checkpointed) and each epoch's shuffle order (a pure function of (seed,
@@ -22,7 +24,8 @@ change anything here and old checkpoints are no longer resumed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import keras
@@ -35,6 +38,7 @@ from pipeline.optimizers import adam
 from pipeline.params import Params
 
 METRICS = ("d_loss", "g_loss", "d_real", "d_fake")  # what train_step returns, in this order
+Weights = list[tuple[Any, tf.Tensor]]  # a net's variables, each with its value read for a step
 
 
 class GAN:
@@ -93,16 +97,17 @@ class GAN:
         else:
             first = tf.distribute.get_replica_context().replica_id_in_sync_group * n
             noise = iter([x[first : first + n] for x in shared])
+        g_weights = _read(g)  # G is not updated before its own step: one read serves both
         for _ in range(self.loss.d_steps):  # critic steps per generator step (unrolled)
             batch = [real, labels, next(noise)]
             if self.loss.kind == "wgan_gp":
                 batch.append(next(noise))  # the penalty's mixing weights
             grads, (d_loss, d_real, d_fake) = self._gradients(
-                self._d_losses, d.trainable_variables, self.d_opt, batch
+                self._d_losses, _read(d), g_weights, self.d_opt, batch
             )
             self.d_opt.apply(grads, d.trainable_variables)
         grads, (g_loss,) = self._gradients(
-            self._g_losses, g.trainable_variables, self.g_opt, [labels, next(noise)]
+            self._g_losses, g_weights, _read(d), self.g_opt, [labels, next(noise)]
         )
         self.g_opt.apply(grads, g.trainable_variables)
         return {"d_loss": d_loss, "g_loss": g_loss, "d_real": d_real, "d_fake": d_fake}
@@ -142,21 +147,39 @@ class GAN:
     def _gradients(
         self,
         losses: Callable[..., tuple[tf.Tensor, ...]],
-        variables: list[Any],
+        trained: Weights,
+        fixed: Weights,
         optimizer: keras.optimizers.Optimizer,
         batch: list[tf.Tensor],
     ) -> tuple[list[tf.Tensor], list[tf.Tensor]]:
-        """Gradients of ``losses(*batch)[0]`` and the summed ``losses``, computed over
-        ``train.shards`` row slices of ``batch``. Each loss is a sum over the global batch
-        divided by its size, so the slices' gradients add up to the batch's."""
-        grads, totals = [], []
+        """Gradients of ``losses(*batch)[0]`` with respect to the ``trained`` weights, and
+        the summed ``losses``, computed over ``train.shards`` row slices of ``batch`` by nets
+        that read their weights from ``trained`` and ``fixed``. Each loss is a sum over the
+        global batch divided by its size, so the slices' gradients add up to the batch's."""
+        grads, totals, sources = [], [], [value for _, value in trained]
         for part in zip(*(tf.split(x, self.shards) for x in batch), strict=True):
-            with tf.GradientTape() as tape:
+            with self._computing_with(trained + fixed), tf.GradientTape() as tape:
+                tape.watch(sources)
                 values = losses(*part)
                 scaled = optimizer.scale_loss(values[0])  # loss scaling under mixed precision
-            grads.append(tape.gradient(scaled, variables))
+            grads.append(tape.gradient(scaled, sources))
             totals.append(values)
         return _sums(grads), _sums(totals)
+
+    @contextlib.contextmanager
+    def _computing_with(self, weights: Weights) -> Iterator[None]:
+        """The nets compute with ``weights`` (values read before), not with fresh reads of
+        their variables: the float32 -> bfloat16 casts of one read are then one op for
+        grappler, where a read per call gave a cast per call and shard. Keras' scope holds
+        back every assignment made in it; the state the nets update as they run (batch norm
+        statistics, dropout seeds) is written after it."""
+        with keras.StatelessScope(weights) as scope:
+            yield
+        read = {id(variable) for variable, _ in weights}
+        for variable in self.generator.variables + self.discriminator.variables:
+            value = scope.get_current_value(variable)
+            if value is not None and id(variable) not in read:
+                variable.assign(value)
 
     @tf.function
     def train_block(self, iterator: Any, steps: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -196,6 +219,10 @@ class GAN:
         """Images from the shipped generator, or from the raw one when ``raw``."""
         net = self.generator if raw else self.shipped
         return net(self._with_label(z, labels), training=False).numpy()
+
+
+def _read(net: keras.Model) -> Weights:
+    return [(variable, tf.convert_to_tensor(variable)) for variable in net.trainable_variables]
 
 
 def _copy(generator: keras.Model, params: Params) -> keras.Model:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,62 @@ def test_shards_compute_the_same_steps_as_one_batch(
             getattr(whole, net).get_weights(), getattr(split, net).get_weights(), strict=True
         ):
             np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+def _reads_per_weight(gan: GAN, batch: int) -> dict[str, int]:
+    """How often one training step's graph reads each trainable weight of the nets."""
+    spec = [tf.TensorSpec([batch, 28, 28, 1]), tf.TensorSpec([batch], tf.int32)]
+    graph = tf.function(gan.train_step).get_concrete_function(*spec).graph
+    captured = {id(inside): outside for outside, inside in graph.captures}
+    names = {
+        id(variable.value.handle): f"{net.name}/{variable.path}"
+        for net in (gan.generator, gan.discriminator)
+        for variable in net.trainable_variables
+    }
+    reads = dict.fromkeys(names.values(), 0)
+    for op in graph.get_operations():
+        outside = captured.get(id(op.inputs[0])) if op.type == "ReadVariableOp" else None
+        if outside is not None and id(outside) in names:
+            reads[names[id(outside)]] += 1
+    return reads
+
+
+def test_a_step_reads_each_weight_once_per_update_it_feeds(smoke_params: Params) -> None:
+    """Two shards, each calling G in D's step and in G's, and D in both: G's weights are read
+    once a step (G is not updated before its own step), D's twice (before and after its
+    update), not once per call and shard: under mixed precision each read is one bfloat16
+    copy of the weight (per-call reads made 8 copies of each weight a step)."""
+    gan = _gan_with(smoke_params, shards=2, batch_size=16)
+    reads = _reads_per_weight(gan, 16)
+    assert {name: count for name, count in reads.items() if name.startswith("generator/")}
+    assert all(reads[name] == (1 if name.startswith("generator/") else 2) for name in reads), reads
+
+
+def test_state_the_nets_update_as_they_run_moves_every_step(
+    smoke_params: Params, mnist_dir: Path
+) -> None:
+    """The nets compute inside Keras' stateless scope (their weights read once), which holds
+    back assignments: G's batch-norm statistics and D's dropout seeds (dcgan) must still be
+    written back, so each moves at every step, and the second shard sees the first's."""
+    keras.utils.set_random_seed(smoke_params.seed)
+    params = smoke_params.model_copy(
+        update={
+            "model": smoke_params.model.model_copy(update={"arch": "dcgan"}),
+            "train": smoke_params.train.model_copy(update={"batch_size": 16, "shards": 2}),
+        }
+    )
+    gan = GAN(params, tf.distribute.get_strategy(), 100)
+    state = [v for net in (gan.generator, gan.discriminator) for v in net.non_trainable_variables]
+    assert any("moving_mean" in v.path for v in state) and any("seed" in v.path for v in state)
+    images, labels = load_split(mnist_dir, "train")
+    batches = iter(make_dataset(images, labels, 16, params.model.output, params.seed, limit=64))
+    seen = [[v.numpy().copy() for v in state]]
+    for _ in range(2):
+        gan.train_block(batches, tf.constant(1))
+        seen.append([v.numpy().copy() for v in state])
+    for before, after in itertools.pairwise(seen):
+        moved = [not np.array_equal(a, b) for a, b in zip(before, after, strict=True)]
+        assert all(moved), [v.path for v, m in zip(state, moved, strict=True) if not m]
 
 
 def test_minibatch_std_groups_must_fit_in_a_slice(smoke_params: Params) -> None:
