@@ -24,7 +24,8 @@ the trainer with XLA and mixed precision on and off, and adds the peak GPU memor
 
 Protocol: ``--rounds`` rounds; each runs every variant once, in an order rotated per round;
 each run times ``--epochs`` epochs after one warm-up epoch. Per variant: the median and the
-best epoch over all rounds, each against the plain loop's median and best. CPU busy is the
+best epoch over all rounds, each against the plain loop's median and best and as a share of
+the roofline (below) of the dtype the variant computes in. CPU busy is the
 process' CPU time per wall second during the timed epochs, out of all cores (median over
 the rounds); vCPUs busy is each vCPU's busy share over the same time, busiest first (the
 whole machine's: run it on an idle one), so a process packed onto one vCPU shows as "99/3%"
@@ -401,13 +402,14 @@ def report(args: argparse.Namespace, net: str, variants: dict[str, Any]) -> None
               f"GFLOP/s on all cores, {stream['peak_flops'] / 1e9:,.0f} on one.")  # fmt: skip
     print()
     print("| variant | median img/s | best img/s | x plain (median) | x plain (best) "
-          "| roofline (median) | CPU busy | vCPUs busy | steal |\n"
-          "|---|---:|---:|---:|---:|---:|---:|---:|---:|")  # fmt: skip
+          "| roofline (median) | roofline (best) | CPU busy | vCPUs busy | steal |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")  # fmt: skip
     base = rates[names[0]]
     for name in names:
         median, best = statistics.median(rates[name]), max(rates[name])
         print(f"| {name} | {median:,.0f} | {best:,.0f} | {median / statistics.median(base):.2f}x "
               f"| {best / max(base):.2f}x | {median / roofs[dtypes[name]]:.0%} "
+              f"| {best / roofs[dtypes[name]]:.0%} "
               f"| {statistics.median(busy[name]):.0%} "
               f"| {_percents([statistics.median(c) for c in zip(*vcpus[name], strict=True)])} "
               f"| {max(steal[name]):.0%} |")  # fmt: skip
