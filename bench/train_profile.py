@@ -6,8 +6,10 @@ Builds the preset's GAN as ``pipeline.train`` does (same threads, op determinism
 and input stream), runs a warm-up block, times ``--steps`` steps twice, then profiles
 ``--steps`` more and sums the CPU time of every TensorFlow op (kernel time, all threads, so
 it can exceed the wall time on several cores). Prints per step: the wall time, the ops'
-CPU time by op type, and the costliest op instances. Kernel names tell the backend:
-``_Mkl*`` ops run oneDNN, plain ``MatMul`` Eigen.
+CPU time by op type, the costliest op instances, how much of the time 0, 1, 2... kernels
+ran at once, and the ops that ran alone (while one core worked, the other waited: where
+the step runs serially). Kernel names tell the backend: ``_Mkl*`` ops run oneDNN, plain
+``MatMul`` Eigen.
 """
 
 from __future__ import annotations
@@ -24,12 +26,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 WRAPPERS = ("Process", "Run", "Start", "Root", "DoCompute")
 
 
-def op_times(logdir: Path) -> tuple[collections.Counter, collections.Counter]:
-    """CPU picoseconds by op type and by op instance ("name:Type" events of the host plane)."""
+def kernels(logdir: Path) -> list[tuple[int, int, str]]:
+    """(start, end, "name:Type") in picoseconds of every op kernel on the host plane."""
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
-    by_type: collections.Counter = collections.Counter()
-    by_name: collections.Counter = collections.Counter()
+    events = []
     for path in logdir.rglob("*.xplane.pb"):
         space = xplane_pb2.XSpace.FromString(path.read_bytes())
         for plane in space.planes:
@@ -39,10 +40,30 @@ def op_times(logdir: Path) -> tuple[collections.Counter, collections.Counter]:
                 for event in line.events:
                     name = plane.event_metadata[event.metadata_id].name
                     op_type = name.rsplit(":", 1)[-1].strip() if ":" in name else ""
-                    if op_type and not op_type.startswith("__") and op_type not in WRAPPERS:
-                        by_type[op_type] += event.duration_ps
-                        by_name[name] += event.duration_ps
-    return by_type, by_name
+                    kernel = op_type and not op_type.startswith("__") and op_type not in WRAPPERS
+                    if kernel and event.duration_ps > 0:
+                        start = line.timestamp_ns * 1000 + event.offset_ps
+                        events.append((start, start + event.duration_ps, name))
+    return events
+
+
+def overlap(events: list[tuple[int, int, str]]) -> tuple[collections.Counter, collections.Counter]:
+    """Picoseconds during which k kernels ran at once (k = 0, 1, 2...), from the first
+    kernel's start to the last one's end, and by op instance the time it ran alone."""
+    edges = sorted([(start, 1, name) for start, _, name in events]
+                   + [(end, -1, name) for _, end, name in events])  # fmt: skip
+    at_once: collections.Counter = collections.Counter()
+    alone: collections.Counter = collections.Counter()
+    running: collections.Counter = collections.Counter()
+    last = edges[0][0] if edges else 0
+    for time_ps, change, name in edges:
+        at_once[sum(running.values())] += time_ps - last
+        if sum(running.values()) == 1:
+            alone[next(iter(running))] += time_ps - last
+        running[name] += change
+        running += collections.Counter()  # drops the ops that ended
+        last = time_ps
+    return at_once, alone
 
 
 def profile(preset: str, data: Path, steps: int) -> dict[str, Any]:
@@ -68,7 +89,14 @@ def profile(preset: str, data: Path, steps: int) -> dict[str, Any]:
             tf.profiler.experimental.start(folder)
             gan.train_block(batches, tf.constant(steps))
             tf.profiler.experimental.stop()
-            by_type, by_name = op_times(Path(folder))
+            events = kernels(Path(folder))
+    by_type: collections.Counter = collections.Counter()
+    by_name: collections.Counter = collections.Counter()
+    for start, end, name in events:
+        by_type[name.rsplit(":", 1)[-1].strip()] += end - start
+        by_name[name] += end - start
+    at_once, alone = overlap(events)
+    span = sum(at_once.values())
     per_step = 1e6 * steps  # picoseconds over the profiled steps -> microseconds per step
     return {
         "preset": preset,
@@ -78,6 +106,8 @@ def profile(preset: str, data: Path, steps: int) -> dict[str, Any]:
         "op_us_per_step": round(sum(by_type.values()) / per_step),
         "by_type": {k: round(v / per_step) for k, v in by_type.most_common()},
         "by_op": {k: round(v / per_step) for k, v in by_name.most_common()},
+        "kernels_at_once": {k: at_once[k] / span for k in sorted(at_once)},
+        "alone_us_per_step": {k: round(v / per_step) for k, v in alone.most_common()},
     }
 
 
@@ -92,7 +122,11 @@ def main() -> None:
     walls = ", ".join(f"{w:,} µs" for w in result["wall_us_per_step"])
     print(f"{args.preset}, batch {result['batch_size']}: {walls} a step (wall, two timings); "
           f"ops {result['op_us_per_step']:,} µs of CPU a step")  # fmt: skip
-    for title, table in (("op type", result["by_type"]), ("op", result["by_op"])):
+    shares = ", ".join(f"{k}: {v:.0%}" for k, v in result["kernels_at_once"].items())
+    print(f"kernels running at once, share of the profiled time: {shares}")
+    tables = {"op type": result["by_type"], "op": result["by_op"],
+              "op, running alone": result["alone_us_per_step"]}  # fmt: skip
+    for title, table in tables.items():
         print(f"\n| {title} | CPU µs a step |\n|---|---:|")
         for name, micros in list(table.items())[: args.top]:
             print(f"| `{name.removeprefix('while/body/_1/')}` | {micros:,} |")

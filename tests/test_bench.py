@@ -108,3 +108,16 @@ def test_profile_sums_each_op_of_the_trainers_steps(mnist_dir: Path) -> None:
     assert sum(result["by_type"].values()) == pytest.approx(result["op_us_per_step"], abs=5)
     assert any("ResourceApplyAdam" in name for name in result["by_op"])  # the fused update
     assert not any("__inference" in name for name in result["by_type"])  # a call, not a kernel
+    assert sum(result["kernels_at_once"].values()) == pytest.approx(1)
+    assert set(result["alone_us_per_step"]) <= set(result["by_op"])
+
+
+def test_profile_tells_how_many_kernels_ran_at_once() -> None:
+    """a alone for 5 ps, a and b together 5, b alone 5, nothing 10, c alone 10; an op ending
+    when another starts does not overlap it."""
+    from bench.train_profile import overlap
+
+    events = [(0, 10, "a"), (5, 15, "b"), (25, 35, "c"), (35, 40, "a")]
+    at_once, alone = overlap(events)
+    assert dict(at_once) == {1: 25, 2: 5, 0: 10}
+    assert dict(alone) == {"a": 10, "b": 5, "c": 10}
