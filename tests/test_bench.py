@@ -113,8 +113,8 @@ def test_profile_sums_each_op_of_the_trainers_steps(mnist_dir: Path) -> None:
 
 
 def test_profile_tells_how_many_kernels_ran_at_once() -> None:
-    """a alone for 5 ps, a and b together 5, b alone 5, nothing 10, c alone 10; an op ending
-    when another starts does not overlap it."""
+    """a alone for 5 ps, a and b together 5, b alone 5, nothing 10, c alone 10, a alone 5:
+    an op ending when another starts does not overlap it."""
     from bench.train_profile import overlap
 
     events = [(0, 10, "a"), (5, 15, "b"), (25, 35, "c"), (35, 40, "a")]
