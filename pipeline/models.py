@@ -102,9 +102,11 @@ class MinibatchStd(layers.Layer):
     features of their standard deviation; Karras et al., 2018). A D that sees it can tell a
     batch of near-copies from a varied one, so G is pushed to vary within the batch.
 
-    A group is ``group`` rows of the same parity within a block of ``2 * group`` consecutive
-    rows: the mode-seeking term's pairs (2k, 2k + 1) never share a group, and D's call on
-    [real; fake] never mixes the two when each half is a whole number of blocks."""
+    A group is ``group`` rows of the same parity within a block of ``PARITIES * group``
+    consecutive rows: the mode-seeking term's pairs (2k, 2k + 1) never share a group, and D's
+    call on [real; fake] never mixes the two when each half is a whole number of blocks."""
+
+    PARITIES = 2  # even and odd rows: the two members of each mode-seeking pair
 
     def __init__(self, group: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -112,10 +114,13 @@ class MinibatchStd(layers.Layer):
 
     def call(self, x: tf.Tensor) -> tf.Tensor:
         width = x.shape[-1]
-        blocks = keras.ops.reshape(keras.ops.cast(x, "float32"), (-1, self.group, 2, width))
+        shape = (-1, self.group, self.PARITIES, width)
+        blocks = keras.ops.reshape(keras.ops.cast(x, "float32"), shape)
         std = keras.ops.sqrt(keras.ops.var(blocks, axis=1, keepdims=True) + 1e-8)
-        spread = keras.ops.mean(std, axis=-1, keepdims=True)  # [blocks, 1, 2, 1]
-        spread = keras.ops.broadcast_to(spread, (keras.ops.shape(blocks)[0], self.group, 2, 1))
+        spread = keras.ops.mean(std, axis=-1, keepdims=True)  # [blocks, 1, parities, 1]
+        spread = keras.ops.broadcast_to(
+            spread, (keras.ops.shape(blocks)[0], self.group, self.PARITIES, 1)
+        )
         spread = keras.ops.cast(keras.ops.reshape(spread, (-1, 1)), x.dtype)
         return keras.ops.concatenate([x, spread], axis=-1)
 
@@ -130,7 +135,9 @@ def minibatch_block(model: ModelParams) -> int:
     """Rows per block of :class:`MinibatchStd`'s groups in the discriminator ``model`` builds
     (1: it builds none). A slice of a batch, and each half of D's [real; fake] call, must
     hold whole blocks."""
-    return 2 * model.d_minibatch_std if model.arch == "mlp" and model.d_minibatch_std else 1
+    if model.arch == "mlp" and model.d_minibatch_std:
+        return MinibatchStd.PARITIES * model.d_minibatch_std
+    return 1
 
 
 def _mlp_discriminator(
