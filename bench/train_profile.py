@@ -26,6 +26,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 WRAPPERS = ("Process", "Run", "Start", "Root", "DoCompute")
 
 
+def op_type(name: str) -> str:
+    """The op type of a host-plane event named "name:Type" ("" for events without one)."""
+    return name.rsplit(":", 1)[-1].strip() if ":" in name else ""
+
+
 def kernels(logdir: Path) -> list[tuple[int, int, str]]:
     """(start, end, "name:Type") in picoseconds of every op kernel on the host plane."""
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
@@ -39,8 +44,8 @@ def kernels(logdir: Path) -> list[tuple[int, int, str]]:
             for line in plane.lines:
                 for event in line.events:
                     name = plane.event_metadata[event.metadata_id].name
-                    op_type = name.rsplit(":", 1)[-1].strip() if ":" in name else ""
-                    kernel = op_type and not op_type.startswith("__") and op_type not in WRAPPERS
+                    kind = op_type(name)
+                    kernel = kind and not kind.startswith("__") and kind not in WRAPPERS
                     if kernel and event.duration_ps > 0:
                         start = line.timestamp_ns * 1000 + event.offset_ps
                         events.append((start, start + event.duration_ps, name))
@@ -57,8 +62,9 @@ def overlap(events: list[tuple[int, int, str]]) -> tuple[collections.Counter, co
     running: collections.Counter = collections.Counter()
     last = edges[0][0] if edges else 0
     for time_ps, change, name in edges:
-        at_once[sum(running.values())] += time_ps - last
-        if sum(running.values()) == 1:
+        level = sum(running.values())
+        at_once[level] += time_ps - last
+        if level == 1:
             alone[next(iter(running))] += time_ps - last
         running[name] += change
         running += collections.Counter()  # drops the ops that ended
@@ -93,7 +99,7 @@ def profile(preset: str, data: Path, steps: int) -> dict[str, Any]:
     by_type: collections.Counter = collections.Counter()
     by_name: collections.Counter = collections.Counter()
     for start, end, name in events:
-        by_type[name.rsplit(":", 1)[-1].strip()] += end - start
+        by_type[op_type(name)] += end - start
         by_name[name] += end - start
     at_once, alone = overlap(events)
     span = sum(at_once.values())
