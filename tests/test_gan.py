@@ -174,7 +174,7 @@ def test_state_the_nets_update_as_they_run_moves_every_step(
 ) -> None:
     """The nets compute inside Keras' stateless scope (their weights read once), which holds
     back assignments: G's batch-norm statistics and D's dropout seeds (dcgan) must still be
-    written back, so each moves at every step, and the second shard sees the first's."""
+    written back, so each moves at every step."""
     keras.utils.set_random_seed(smoke_params.seed)
     params = smoke_params.model_copy(
         update={
