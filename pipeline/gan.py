@@ -12,7 +12,9 @@ them side by side, one core each on CPU, where one op of a net this small cannot
 cores. D judges real and fake images in one call, Adam updates each variable in one kernel
 (``FusedAdam``), and each weight is read once for all the shards and calls that use it (so
 under mixed precision it is cast to bfloat16 once, not per call): fewer, bigger ops, because
-per-op overhead is what limits the step.
+per-op overhead is what limits the step. And the work is ordered so that the cores idle
+less, with the same values: G's step waits for D's gradients, and each step's weight
+average runs at the start of the next.
 
 Determinism: one ``seed`` sets the weight init, the noise stream (a ``tf.random.Generator``
 whose state is checkpointed) and each epoch's shuffle order (a pure function of (seed,
@@ -106,8 +108,13 @@ class GAN:
                 self._d_losses, _read(d), g_weights, self.d_opt, batch
             )
             self.d_opt.apply(grads, d.trainable_variables)
+        # G's step starts once D's gradients are in. TF's executor would otherwise start its
+        # forward pass beside D's, at the step's start, delaying D's step; now it runs beside
+        # D's Adam update, which holds one core while the other waits (the same values).
+        with tf.control_dependencies(grads):
+            z = tf.identity(next(noise))
         grads, (g_loss,) = self._gradients(
-            self._g_losses, g_weights, _read(d), self.g_opt, [labels, next(noise)]
+            self._g_losses, g_weights, _read(d), self.g_opt, [labels, z]
         )
         self.g_opt.apply(grads, g.trainable_variables)
         return {"d_loss": d_loss, "g_loss": g_loss, "d_real": d_real, "d_fake": d_fake}
@@ -186,13 +193,16 @@ class GAN:
         """Up to ``steps`` steps in one graph: (sum of each metric, steps done). Stops at
         the first non-finite metric, so ``done < steps`` says the run diverged."""
         sums, done = tf.zeros([len(METRICS)]), tf.constant(0)
-        for _ in tf.range(steps):
+        averaging = self.generator_ema is not None
+        for i in tf.range(steps):
             args = next(iterator)
             if self.shared_noise:  # drawn here, in cross-replica context: one stream
                 args = (*args, self.draws(self.global_batch))
-            per_replica = self.strategy.run(self._step, args=args)
-            if self.generator_ema is not None:
+            # The average of the step before: it reads the weights this step starts from, so
+            # it runs beside this step's first ops instead of holding the next step back.
+            if averaging and i > 0:
                 self._update_ema()
+            per_replica = self.strategy.run(self._step, args=args)
             metrics = tf.stack(
                 [self.strategy.reduce("SUM", per_replica[key], axis=None) for key in METRICS]
             )
@@ -200,10 +210,12 @@ class GAN:
                 break
             sums += metrics
             done += 1
+        if averaging and steps > 0:  # the last step's: a block ends with the average up to date
+            self._update_ema()
         return sums, done
 
     def _update_ema(self) -> None:
-        """ema <- decay * ema + (1 - decay) * weights, after the step (cross-replica context,
+        """ema <- decay * ema + (1 - decay) * weights, after each step (cross-replica context,
         so every replica's copy gets the same value). All weights, so BatchNorm statistics
         are averaged too."""
         assert self.generator_ema is not None

@@ -94,6 +94,23 @@ def test_ema_off_adds_nothing_and_on_leaves_the_training_unchanged(
             np.testing.assert_array_equal(a, b)
 
 
+def test_the_average_is_the_same_in_one_block_or_several(
+    smoke_params: Params, mnist_dir: Path
+) -> None:
+    """Each step's average runs at the start of the next step, and a block's last one after
+    its loop: three steps in one block leave exactly the average of three blocks of one."""
+    whole, parts = _ema_gan(smoke_params, 0.75), _ema_gan(smoke_params, 0.75)
+    whole.train_block(_batches(smoke_params, mnist_dir), tf.constant(3))
+    batches = _batches(smoke_params, mnist_dir)
+    for _ in range(3):
+        parts.train_block(batches, tf.constant(1))
+    assert whole.generator_ema is not None and parts.generator_ema is not None
+    for a, b in zip(
+        whole.generator_ema.get_weights(), parts.generator_ema.get_weights(), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
 def _gan_with(
     smoke_params: Params,
     steps: int = 100,
@@ -140,10 +157,15 @@ def test_shards_compute_the_same_steps_as_one_batch(
             np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
 
 
+def _step_graph(gan: GAN, batch: int) -> Any:
+    """The graph of one training step on a batch of ``batch`` images."""
+    spec = [tf.TensorSpec([batch, 28, 28, 1]), tf.TensorSpec([batch], tf.int32)]
+    return tf.function(gan.train_step).get_concrete_function(*spec).graph
+
+
 def _reads_per_weight(gan: GAN, batch: int) -> dict[str, int]:
     """How often one training step's graph reads each trainable weight of the nets."""
-    spec = [tf.TensorSpec([batch, 28, 28, 1]), tf.TensorSpec([batch], tf.int32)]
-    graph = tf.function(gan.train_step).get_concrete_function(*spec).graph
+    graph = _step_graph(gan, batch)
     captured = {id(inside): outside for outside, inside in graph.captures}
     names = {
         id(variable.value.handle): f"{net.name}/{variable.path}"
@@ -167,6 +189,32 @@ def test_a_step_reads_each_weight_once_per_update_it_feeds(smoke_params: Params)
     reads = _reads_per_weight(gan, 16)
     assert {name: count for name, count in reads.items() if name.startswith("generator/")}
     assert all(reads[name] == (1 if name.startswith("generator/") else 2) for name in reads), reads
+
+
+def _waits_for(op: tf.Operation) -> set[str]:
+    """The names of the ops that ``op`` waits for, through inputs and control inputs."""
+    seen: set[str] = set()
+    todo = [op]
+    while todo:
+        node = todo.pop()
+        for parent in [x.op for x in node.inputs] + list(node.control_inputs):
+            if parent.name not in seen:
+                seen.add(parent.name)
+                todo.append(parent)
+    return seen
+
+
+def test_g_step_waits_for_d_gradients(smoke_params: Params) -> None:
+    """G's step starts once D's gradients are in, so its forward pass runs beside D's Adam
+    update instead of delaying D's step: of G's forward GEMMs (two shards, in D's step and in
+    G's), G's step's half waits for D's gradient GEMMs, D's step's half does not."""
+    graph = _step_graph(_gan_with(smoke_params, shards=2, batch_size=16), 16)
+    forward = [op for op in graph.get_operations()
+               if op.type == "MatMul" and op.name.startswith("generator")]  # fmt: skip
+    waiting = [op for op in forward
+               if any(re.match(r"gradient_tape/discriminator.*MatMul", name)
+                      for name in _waits_for(op))]  # fmt: skip
+    assert forward and len(waiting) == len(forward) // 2, [op.name for op in waiting]
 
 
 def test_state_the_nets_update_as_they_run_moves_every_step(
