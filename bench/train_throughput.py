@@ -242,11 +242,11 @@ def roofline(net: str, threads: int, dtype: str) -> dict[str, float]:
 
     from pipeline.models import build_discriminator, build_generator
 
-    with contextlib.suppress(RuntimeError):  # TF already started (a test): pools stay
-        # Both pools: the loop's matmuls are independent, and with two inter-op threads two
-        # of them run at once, one per core, however few threads each op has.
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    # Both pools: the loop's matmuls are independent, and with two inter-op threads two of
+    # them run at once, one per core, however few threads each op has. A fresh process
+    # (measure): pools are fixed once TensorFlow starts.
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
     params = load(net, {})
     batch, seconds, flops, busy = params.train.batch_size, 0.0, 0.0, 0.0
     for build, first_count, other_count in ((build_generator, 3, 4), (build_discriminator, 6, 8)):

@@ -21,6 +21,7 @@ from pipeline import cpu
 from pipeline.dataset import make_dataset
 from pipeline.models import dtype_policy, minibatch_block
 from pipeline.params import Params, TrainParams
+from pipeline.stage import UserError
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +45,42 @@ def configure_devices(train: TrainParams) -> None:
     if on_gpu:  # deterministic GPU kernels cost speed; a GPU run resumes, not bit-exactly
         return
     tf.config.experimental.enable_op_determinism()
-    if train.shards > 1:
-        # The shards are independent subgraphs: TF's inter-op threads run them on different
-        # cores, one thread per op. Ops this small gain little from two threads each, while
-        # the hand-offs between threads cost more than the maths (bench/train_throughput.py).
-        cores = cpu.cores()
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(max(1, cores // train.shards))
-            tf.config.threading.set_inter_op_parallelism_threads(min(cores, train.shards))
-        except RuntimeError:  # a second run in one process (tests): its pools are fixed
-            log.info("TensorFlow already started: thread pools left as they are")
+    set_thread_pools(train, cpu.cores())
+
+
+class ThreadPoolsFixedError(UserError, RuntimeError):
+    """TensorFlow already runs in this process with other thread pools than training plans:
+    they decide how reductions split, so its numbers would differ from a fresh process'."""
+
+
+def thread_pools(train: TrainParams, cores: int) -> tuple[int, int]:
+    """(intra-op, inter-op) threads a CPU training runs with; 0 leaves TensorFlow's default.
+    With several shards, the shards are independent subgraphs: TF's inter-op threads run
+    them on different cores, one thread per op. Ops this small gain little from two threads
+    each, while the hand-offs between threads cost more than the maths."""
+    if train.shards == 1:
+        return 0, 0
+    return max(1, cores // train.shards), min(cores, train.shards)
+
+
+def set_thread_pools(train: TrainParams, cores: int) -> None:
+    """Fix TensorFlow's pools at :func:`thread_pools`, or refuse in one line where this
+    process already started TensorFlow with others (pools are fixed once it starts)."""
+    intra, inter = thread_pools(train, cores)
+    try:  # each setter is a no-op where the value is already the one asked for
+        tf.config.threading.set_intra_op_parallelism_threads(intra)
+        tf.config.threading.set_inter_op_parallelism_threads(inter)
+    except RuntimeError:
+        have = (
+            tf.config.threading.get_intra_op_parallelism_threads(),
+            tf.config.threading.get_inter_op_parallelism_threads(),
+        )
+        raise ThreadPoolsFixedError(
+            f"train.shards: {train.shards} on {cores} cores trains with TensorFlow thread pools "
+            f"(intra-op, inter-op) = {(intra, inter)}, but this process already started "
+            f"TensorFlow with {have} (0: its default), so its numbers would differ from a "
+            "fresh process': train in a fresh process (python -m stages.train, dvc repro)"
+        ) from None
 
 
 def pick_strategy(name: str) -> tf.distribute.Strategy:

@@ -149,6 +149,17 @@ def smoke_params(raw_params: dict[str, Any]) -> Params:
     return parse_params(apply_overrides(raw_params, load_preset("smoke")))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _training_thread_pools(smoke_params: Params) -> None:
+    """Fix TensorFlow's thread pools at the plan of the tests' in-process trainings before
+    any test starts TensorFlow: a stage's fresh process uses that plan too, so references
+    trained here match it, and ``train`` refuses where a test left other pools."""
+    from pipeline.cpu import cores
+    from pipeline.distribute import set_thread_pools
+
+    set_thread_pools(smoke_params.train, cores())
+
+
 def stage_paths(stage: str, root: Path) -> dict[str, Path]:
     """The ``--flag path`` pairs of ``stage``'s cmd in dvc.yaml (the one map of files), the
     paths moved under ``root``: tests lay files out exactly as the pipeline does."""

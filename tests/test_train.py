@@ -19,8 +19,9 @@ import tensorflow as tf
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipeline.cpu import native_bfloat16
-from pipeline.params import Params, load_params
+from pipeline.cpu import cores, native_bfloat16
+from pipeline.distribute import ThreadPoolsFixedError, set_thread_pools
+from pipeline.params import Params
 from pipeline.train import HISTORY_COLUMNS, TrainingDivergedError, train
 
 from conftest import stage_args, train_outputs
@@ -125,6 +126,23 @@ def test_non_finite_loss_stops_with_epoch_and_step(
     assert not (tmp_path / "models" / "generator.keras").exists()
 
 
+def test_training_refuses_thread_pools_it_did_not_plan(
+    smoke_params: Params, mnist_dir: Path, tmp_path: Path, mlflow_store: str
+) -> None:
+    """TensorFlow's pools are fixed once it starts, and they decide how reductions split: a
+    training whose plan differs from the pools this process runs with would not give a fresh
+    process' numbers, so it says so in one line before any weight exists."""
+    tf.constant(1.0) + 1.0  # started: the pools are the session's (conftest), one shard's differ
+    one_shard = _params(smoke_params, shards=1)
+    with pytest.raises(ThreadPoolsFixedError) as refused:
+        train(one_shard, mnist_dir, train_outputs(tmp_path))
+    assert "train.shards: 1" in str(refused.value) and "\n" not in str(refused.value)
+    assert "fresh process" in str(refused.value)
+    assert keras.mixed_precision.global_policy().name == "float32"  # the policy given back
+    assert not (tmp_path / "models" / "generator.keras").exists()
+    set_thread_pools(smoke_params.train, cores())  # the session's plan: accepted as it is
+
+
 def _write_params(smoke: Params, path: Path, **train: Any) -> Path:
     raw = _params(smoke, **train).model_dump(mode="json")
     path.write_text(yaml.safe_dump(raw))
@@ -146,8 +164,9 @@ def test_sigkill_then_rerun_is_bit_identical(
     # its own key), and generator.keras is then that average.
     params = _write_params(smoke_params, tmp_path / "params.yaml", epochs=12, ema_decay=0.9)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    reference = tmp_path / "reference"  # uninterrupted, in this process
-    train(load_params(params), mnist_dir, train_outputs(reference))
+    reference = tmp_path / "reference"  # uninterrupted, in a fresh process as the stage runs
+    done = _stage(params, mnist_dir, reference, env)
+    assert done.wait(timeout=300) == 0, done.communicate()[0]
 
     out = tmp_path / "killed"
     victim = _stage(params, mnist_dir, out, env)
