@@ -40,7 +40,7 @@ test: setup
 #     `-j 2` would otherwise each commit the same data into the DVC cache at once)
 #   make exp PRESET=seed002 SET='train.epochs=300 model.d_dropout=0.3'   # preset + changes
 exp: setup
-	args="$$(python -m pipeline.presets exp-args $(PRESET) $(SET))" && \
+	args="$$(python -m pipeline.experiments.presets exp-args $(PRESET) $(SET))" && \
 	$(if $(QUEUE),dvc repro download &&) \
 	eval dvc exp run $(if $(QUEUE),--queue) -n "$(PRESET)-$$(date +%Y%m%d-%H%M%S)" $$args
 
@@ -49,29 +49,29 @@ exp: setup
 # writes the outputs; `dvc commit train` then records them as the stage's (see README).
 WORKERS ?= 2
 train-multiworker: setup
-	python -m pipeline.multiworker --workers $(WORKERS)
+	python -m pipeline.training.multiworker --workers $(WORKERS)
 
 # Experiments side by side, fit to the terminal: the params that differ between them, then
 # fid (with the yardstick that measured it: FIDs under different yardsticks are not
-# comparable), recall, precision and training seconds (pipeline/compare.py reads
+# comparable), recall, precision and training seconds (pipeline/experiments/compare.py reads
 # `dvc exp show --json`).
 #   make compare            # WIDE=1: every differing param and every metric
 #   make compare ARGS=-A    # experiments made on earlier commits too
 compare: setup
-	python -m pipeline.compare $(if $(WIDE),--wide) $(ARGS)
+	python -m pipeline.experiments.compare $(if $(WIDE),--wide) $(ARGS)
 
 # A grid of queued experiments named after their values, then run JOBS at a time:
 #   make sweep PRESET=default SET='train.lr_g=1e-4,4e-4 seed=1,2'   # 4 runs: default-lr_g-1e-4-seed-1, ...
 JOBS ?= 2
 sweep: setup
-	python -m pipeline.sweep $(PRESET) $(SET)
+	python -m pipeline.experiments.sweep $(PRESET) $(SET)
 	dvc queue start -j $(JOBS)
 	@echo "progress: dvc queue status; then make compare, make ui"
 
 # The MLflow UI on 127.0.0.1:$(PORT); prints the links to this project's runs (and the last sweep).
 PORT ?= 5000
 ui: setup
-	python -m pipeline.ui --port $(PORT)
+	python -m pipeline.experiments.ui --port $(PORT)
 
 # A bash inside the project's environment: every README command works there as typed;
 # `exit` leaves it. The same as `source .venv/bin/activate` (after ~/.bashrc, which may put
@@ -88,11 +88,11 @@ report: setup
 	@echo "PNG/GIF:      $(CURDIR)/reports/plots/"
 	@echo "Compare runs: make compare; dvc plots diff <exp> <exp>; make ui"
 
-# Rebuild the evaluation classifier from pipeline/classifier.py and re-pin its SHA-256 in
-# pipeline/yardstick.py (commit both). Nothing else trains it: evaluate uses the pinned file.
+# Rebuild the evaluation classifier from pipeline/evaluation/classifier.py and re-pin its SHA-256 in
+# pipeline/evaluation/yardstick.py (commit both). Nothing else trains it: evaluate uses the pinned file.
 yardstick: setup
 	dvc repro download
-	python -m pipeline.classifier --data data
+	python -m pipeline.evaluation.classifier --data data
 
 # Share the pipeline's outputs through the DVC remote (.dvc/config: a folder beside the
 # clone unless overridden; README "Scaling out"). REMOTE=name picks another remote.
@@ -126,7 +126,7 @@ serve: setup
 WEB ?= web
 ORT_WEB := node_modules/onnxruntime-web/dist/ort.wasm.min.mjs
 web: setup $(ORT_WEB)
-	python -m pipeline.page --model $(MODEL) --out $(WEB)
+	python -m pipeline.serve.page --model $(MODEL) --out $(WEB)
 
 # Pinned by package-lock.json; installed only when missing or when the lock changed.
 $(ORT_WEB): package-lock.json
@@ -151,7 +151,7 @@ TRACKING_STATE ?= $(CURDIR)/.tracking
 TRACKING_PORT ?= 5000
 tracking-server: setup
 	bash scripts/install_postgres.sh
-	python -m scripts.tracking_server run --state $(TRACKING_STATE) --port $(TRACKING_PORT)
+	python -m pipeline.tracking.server run --state $(TRACKING_STATE) --port $(TRACKING_PORT)
 
 tracking-server-stop: setup
-	python -m scripts.tracking_server stop --state $(TRACKING_STATE)
+	python -m pipeline.tracking.server stop --state $(TRACKING_STATE)

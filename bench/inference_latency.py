@@ -9,7 +9,7 @@ Goal: onnxruntime at batch 1 at least 2x faster than calling the Keras model.
 
 The reference beside the export: the same graph with its [0, 1] scaling moved after the
 final reshape, onto [N, 28, 28, 1], as the export wrote it before; onnxruntime broadcasts
-over that trailing 1 one element at a time (pipeline/export.py).
+over that trailing 1 one element at a time (pipeline/training/export.py).
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ import keras
 import numpy as np
 import onnx
 
-from pipeline.export import export_model
-from pipeline.images import cycle_labels
-from pipeline.inference import Generator
-from pipeline.models import build_generator
-from pipeline.params import load_params
+from pipeline.core.images import cycle_labels
+from pipeline.core.params import load_params
+from pipeline.inference.generator import Generator
+from pipeline.training.export import export_model
+from pipeline.training.models import build_generator
 
 BATCHES = (1, 64, 1024)
 REPO = Path(__file__).resolve().parent.parent
@@ -112,7 +112,7 @@ def main() -> None:
                 )
             )
 
-        cli = [sys.executable, "-m", "pipeline.generate", "--model", str(path)]
+        cli = [sys.executable, "-m", "pipeline.inference.generate", "--model", str(path)]
         cli += ["--n", "1", "--seed", "0", "--out", str(Path(tmp) / "one.png")]
         cli_s = cold_start_s(cli)
         tf_s = cold_start_s([sys.executable, "-c", "import tensorflow"])
@@ -131,7 +131,7 @@ def main() -> None:
             f"| {call:.3f} | {predict:.3f} | {call / ort_1:.1f}x |"
         )
     print("\n| cold start (median of 3) | seconds |\n|---|---:|")
-    print(f"| `python -m pipeline.generate --n 1` (whole run) | {cli_s:.2f} |")
+    print(f"| `python -m pipeline.inference.generate --n 1` (whole run) | {cli_s:.2f} |")
     print(f'| `python -c "import tensorflow"` | {tf_s:.2f} |')
 
 

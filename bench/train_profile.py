@@ -2,7 +2,7 @@
 
     python -m bench.train_profile [--preset default] [--steps 50] [--data data] [--top 12]
 
-Builds the preset's GAN as ``pipeline.train`` does (same threads, op determinism, strategy
+Builds the preset's GAN as ``pipeline.training.train`` does (same threads, op determinism, strategy
 and input stream), runs a warm-up block, times ``--steps`` steps twice, then profiles
 ``--steps`` more and sums the CPU time of every TensorFlow op (kernel time, all threads, so
 it can exceed the wall time on several cores). Prints per step: the wall time, the ops'
@@ -76,9 +76,9 @@ def profile(preset: str, data: Path, steps: int) -> dict[str, Any]:
     import tensorflow as tf
 
     from bench.train_throughput import load
-    from pipeline.distribute import input_batches, set_up
-    from pipeline.gan import GAN
-    from pipeline.mnist import load_split
+    from pipeline.data.mnist import load_split
+    from pipeline.training.distribute import input_batches, set_up
+    from pipeline.training.gan import GAN
 
     params = load(preset, {})
     with set_up(params) as strategy:  # restores the process' float policy afterwards

@@ -9,7 +9,7 @@ Variants, each in a fresh process (TensorFlow fixes its thread pools at start-up
 - **plain**: the TensorFlow DCGAN tutorial's loop: a ``tf.function`` step called from Python
   per batch, Keras' Adam and cross-entropy, TensorFlow's default threads, no op determinism.
   The reference.
-- **trainer as users run it**: ``pipeline.train.train`` as ``dvc repro`` runs it: the
+- **trainer as users run it**: ``pipeline.training.train.train`` as ``dvc repro`` runs it: the
   preset's params, checkpoints, sample grids and MLflow on (a temp SQLite store); the rate
   is the one its own history records per epoch. params.yaml's defaults: each batch as two
   slices side by side (``train.shards: 2``), bfloat16 where the CPU has it in hardware.
@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-from pipeline.cpu import cores, native_bfloat16
+from pipeline.core.cpu import cores, native_bfloat16
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CORES = cores()
@@ -75,7 +75,7 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "trainer as users run it (params.yaml)": {},
 }
 XLA = ("trainer + XLA (train.jit_compile=true)", {"train.jit_compile": True})
-# Only on a CPU with native bfloat16 (pipeline.cpu.native_bfloat16), where the default
+# Only on a CPU with native bfloat16 (pipeline.core.cpu.native_bfloat16), where the default
 # computes in it: its roofline is bfloat16's, measured the same way.
 BF16 = ("trainer, bfloat16, one shard", {"train.mixed_precision": True, "train.shards": 1})
 
@@ -88,13 +88,13 @@ def worker_spec(spec: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def compute_dtype(params: Any) -> str:
-    """What the trainer computes in on this CPU (pipeline.distribute.configure_devices)."""
+    """What the trainer computes in on this CPU (pipeline.training.distribute.configure_devices)."""
     return "bfloat16" if params.train.mixed_precision and native_bfloat16() else "float32"
 
 
 def load(net: str, overrides: dict[str, Any]) -> Any:
-    from pipeline.params import load_params
-    from pipeline.presets import load_preset
+    from pipeline.core.params import load_params
+    from pipeline.experiments.presets import load_preset
 
     return load_params(REPO_ROOT / "params.yaml", {**load_preset(net), **overrides})
 
@@ -157,9 +157,9 @@ def plain_rates(params: Any, data: Path, epochs: int, busy: CpuBusy) -> list[flo
     import keras
     import tensorflow as tf
 
-    from pipeline.images import from_uint8
-    from pipeline.mnist import load_split
-    from pipeline.models import build_discriminator, build_generator
+    from pipeline.core.images import from_uint8
+    from pipeline.data.mnist import load_split
+    from pipeline.training.models import build_discriminator, build_generator
 
     model, train = params.model, params.train
     images, labels = load_split(data, "train")
@@ -207,8 +207,9 @@ def plain_rates(params: Any, data: Path, epochs: int, busy: CpuBusy) -> list[flo
 
 
 def trainer_rates(params: Any, data: Path, epochs: int, busy: CpuBusy) -> list[float]:
-    from pipeline.gan import GAN
-    from pipeline.train import Outputs, train
+    from pipeline.tracking.runs import resolve_store
+    from pipeline.training.gan import GAN
+    from pipeline.training.train import Outputs, train
 
     block, calls = GAN.train_block, [0]
 
@@ -219,15 +220,15 @@ def trainer_rates(params: Any, data: Path, epochs: int, busy: CpuBusy) -> list[f
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        store = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "DVC_ROOT": tmp}
+        store = resolve_store({}, cwd=root)  # a throwaway store beside the outputs
         out = Outputs(
             generator=root / "generator.keras", discriminator=root / "discriminator.keras",
             checkpoints=root / "checkpoints", run_file=root / "run.json",
             samples=root / "samples", history=root / "history.csv", metrics=root / "metrics.json",
         )  # fmt: skip
         out.checkpoints.mkdir()
-        with mock.patch.object(GAN, "train_block", timed_block), mock.patch.dict(os.environ, store):
-            train(params, data, out)
+        with mock.patch.object(GAN, "train_block", timed_block):
+            train(params, data, out, store)
         with out.history.open() as handle:
             rows = list(csv.DictReader(handle))
         return [float(row["images_per_s"]) for row in rows[1:]]  # after the warm-up epoch
@@ -240,7 +241,7 @@ def roofline(net: str, threads: int, dtype: str) -> dict[str, float]:
     import keras
     import tensorflow as tf
 
-    from pipeline.models import build_discriminator, build_generator
+    from pipeline.training.models import build_discriminator, build_generator
 
     # Both pools: the loop's matmuls are independent, and with two inter-op threads two of
     # them run at once, one per core, however few threads each op has. A fresh process

@@ -47,10 +47,10 @@ if [[ ! -f "$model" ]]; then
 import sys
 from pathlib import Path
 
-from pipeline.export import export_model
-from pipeline.models import build_generator
-from pipeline.params import apply_overrides, parse_params
-from pipeline.presets import load_preset
+from pipeline.training.export import export_model
+from pipeline.training.models import build_generator
+from pipeline.core.params import apply_overrides, parse_params
+from pipeline.experiments.presets import load_preset
 import yaml
 
 raw = yaml.safe_load(Path("params.yaml").read_text())

@@ -15,7 +15,7 @@ libraries 11) and the venv ~118 MB (192 MB untrimmed). The venv is trimmed in pl
     those with patchelf, and strip corrupts them (numpy no longer imports);
   - what serving never imports: tests, numpy's f2py/distutils/C headers, onnxruntime's
     model tools and their requirements (protobuf, flatbuffers, tqdm), pip/setuptools.
-No Pillow: the service writes its PNGs with zlib (pipeline/png.py). tests/test_docker_image.py
+No Pillow: the service writes its PNGs with zlib (pipeline/core/png.py). tests/test_docker_image.py
 compares the image's answers with the checkout's, byte for byte.
 """
 

@@ -1,6 +1,14 @@
-"""MNIST GAN pipeline: one module per concern.
+"""MNIST GAN pipeline, in packages by role (docs/architecture.md has the map):
 
-Importing this package is cheap and side-effect free; TensorFlow is imported only by the
-modules that train or export (models, losses, train, metrics, export), never by
-``inference`` or ``serve``.
+- ``core``: what every part shares (params schema, image contract, atomic files, errors);
+- ``data``: the verified MNIST download and reader;
+- ``training``: TensorFlow: the nets, the GAN step, the loop, resume, the ONNX export;
+- ``tracking``: MLflow runs, outage-proof logging, the team server;
+- ``evaluation``: the pinned yardstick and the numbers and pictures of a generator;
+- ``inference``: the ONNX generator with onnxruntime and numpy only;
+- ``serve``: the HTTP service and the browser page (never imports ``training``);
+- ``experiments``: presets, sweeps, comparing runs, the MLflow UI.
+
+Importing any package is cheap and side-effect free; only ``training`` and the yardstick's
+builder import TensorFlow.
 """

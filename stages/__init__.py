@@ -5,6 +5,6 @@ among them): the one place to restart under the project's Python and quiet Tenso
 start-up. It does nothing in any other process (tests, tools that import a stage).
 """
 
-from pipeline.stage import prepare_process
+from pipeline.core.stage import prepare_process
 
 prepare_process()

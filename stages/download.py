@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.download import download_mnist
-from pipeline.params import load_params
-from pipeline.stage import run
+from pipeline.core.params import load_params
+from pipeline.core.stage import run
+from pipeline.data.download import download_mnist
 
 
 def main() -> None:

@@ -9,8 +9,9 @@ import argparse
 import logging
 from pathlib import Path
 
-from pipeline import stage, tracking
-from pipeline.params import load_params
+from pipeline.core import stage
+from pipeline.core.params import load_params
+from pipeline.tracking import runs
 
 
 def main() -> None:
@@ -30,9 +31,9 @@ def main() -> None:
         parser.add_argument(f"--{name}", type=Path, required=True, help=what)
     args = parser.parse_args()
     params = load_params(args.params).eval  # fail on bad params before any work
-    tracking.check_server(run_file=args.run_file)
+    runs.check_server(runs.resolve_store().uri, run_file=args.run_file)
 
-    from pipeline.evaluate import Paths, evaluate
+    from pipeline.evaluation.evaluate import Paths, evaluate
 
     paths = Paths(
         generator=args.generator,

@@ -6,9 +6,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline import stage, tracking
-from pipeline.export import export_generator
-from pipeline.params import load_params
+from pipeline.core import stage
+from pipeline.core.params import load_params
+from pipeline.tracking import runs
+from pipeline.training.export import export_generator
 
 
 def main() -> None:
@@ -20,7 +21,7 @@ def main() -> None:
     parser.add_argument("--report", type=Path, default=Path("reports/export.json"))
     args = parser.parse_args()
     params = load_params(args.params)
-    tracking.check_server(run_file=args.run_file)
+    runs.check_server(runs.resolve_store().uri, run_file=args.run_file)
     export_generator(args.keras, args.out, args.report, params, args.run_file)
 
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline import stage
-from pipeline.generate import write_samples
-from pipeline.inference import InputError, ModelError
-from pipeline.params import load_params
+from pipeline.core import stage
+from pipeline.core.errors import UserError
+from pipeline.core.params import load_params
+from pipeline.inference.generate import write_samples
+from pipeline.inference.generator import InputError, ModelError
 
 
 def main() -> None:
@@ -22,7 +23,7 @@ def main() -> None:
     try:
         write_samples(args.model, args.out, params.n, seed=params.seed, digit=params.digit)
     except (InputError, ModelError) as exc:
-        raise stage.UserError(f"generate: {exc}") from None
+        raise UserError(f"generate: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -7,10 +7,11 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline import stage, tracking
-from pipeline.params import load_params
+from pipeline.core import stage
+from pipeline.core.params import load_params
+from pipeline.tracking import runs
 
-# The fields of pipeline.train.Outputs, one flag each (read here without importing TF).
+# The fields of pipeline.training.train.Outputs, one flag each (read here without importing TF).
 OUTPUTS = ("generator", "discriminator", "checkpoints", "run_file", "samples", "history", "metrics")
 
 
@@ -22,13 +23,14 @@ def main() -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", type=Path, required=True)
     args = parser.parse_args()
     params = load_params(args.params)  # fail on bad params before paying for TensorFlow
-    tracking.check_server()  # a wrong MLFLOW_TRACKING_URI fails now, not after training
+    store = runs.resolve_store()  # once: every MLflow call below gets it as a value
+    runs.check_server(store.uri)  # a wrong MLFLOW_TRACKING_URI fails now, not after training
 
-    from pipeline.train import Outputs, TrainingInterruptedError, train
+    from pipeline.training.train import Outputs, TrainingInterruptedError, train
 
     try:
         out = Outputs(**{name: getattr(args, name) for name in OUTPUTS})
-        metrics = train(params, args.data, out)
+        metrics = train(params, args.data, out, store)
     except TrainingInterruptedError as exc:
         logging.getLogger("train").warning("%s", exc)
         sys.exit(128 + exc.signum)

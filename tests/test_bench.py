@@ -14,7 +14,7 @@ import pytest
 
 from bench import train_throughput
 from bench.train_throughput import VARIANTS, measure, report, worker
-from pipeline.inference import Generator
+from pipeline.inference.generator import Generator
 
 pytestmark = pytest.mark.slow
 

@@ -28,10 +28,10 @@ import pytest
 import uvicorn
 from filelock import FileLock
 
-from pipeline.images import sample_latents, tile
-from pipeline.inference import Generator
-from pipeline.page import ORT_DIST, ORT_FILES, build_site
-from pipeline.serve import Settings, create_app
+from pipeline.core.images import sample_latents, tile
+from pipeline.inference.generator import Generator
+from pipeline.serve.app import Settings, create_app
+from pipeline.serve.page import ORT_DIST, ORT_FILES, build_site
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +45,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-GRID_N, COLS, SIDE = 30, 10, 28  # as pipeline/web/app.js draws them
+GRID_N, COLS, SIDE = 30, 10, 28  # as pipeline/serve/web/app.js draws them
 TIMEOUT_MS = 30_000  # per wait: this machine is shared and slow, but every wait is bounded
 
 Page = Any  # playwright.sync_api.Page; playwright is imported only when chromium is here

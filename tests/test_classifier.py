@@ -1,4 +1,4 @@
-"""Rebuilding the yardstick (pipeline/classifier.py): the training code still makes a
+"""Rebuilding the yardstick (pipeline/evaluation/classifier.py): the training code still makes a
 classifier worth pinning, and the one command re-pins exactly one line."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import yardstick
-from pipeline.classifier import FEATURES_LAYER, Recipe, build, build_classifier, pin
-from pipeline.stage import UserError
+from pipeline.core.errors import UserError
+from pipeline.evaluation import yardstick
+from pipeline.evaluation.classifier import FEATURES_LAYER, Recipe, build, build_classifier, pin
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -55,7 +55,15 @@ def test_pin_rewrites_the_one_hash_line(tmp_path: Path) -> None:
 
 def test_bad_epochs_are_named_before_training(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.classifier", "--data", str(tmp_path), "--epochs", "0"],
+        [
+            sys.executable,
+            "-m",
+            "pipeline.evaluation.classifier",
+            "--data",
+            str(tmp_path),
+            "--epochs",
+            "0",
+        ],
         capture_output=True,
         text=True,
         cwd=REPO,

@@ -11,11 +11,12 @@ from typing import Any
 
 import pytest
 
-from pipeline import compare
-from pipeline.params import ParamsError
-from pipeline.sweep import grid, queue_commands, run_name
+from pipeline.core.params import ParamsError
+from pipeline.experiments import compare
+from pipeline.experiments.sweep import grid, queue_commands, run_name
 
-# `dvc exp show --json` after `python -m pipeline.sweep smoke seed=1,2` + `dvc queue start`.
+# `dvc exp show --json` after `python -m pipeline.experiments.sweep smoke seed=1,2` and
+# `dvc queue start`.
 CAPTURED = Path(__file__).parent / "data" / "exp_show_sweep.json"
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from pipeline.serve import Settings, create_app
+from pipeline.serve.app import Settings, create_app
 
 REPO = Path(__file__).resolve().parent.parent
 CHECK = REPO / "docker" / "check.sh"

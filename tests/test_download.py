@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.download import DownloadError, download_file, download_mnist
-from pipeline.mnist import FILES
+from pipeline.data.download import DownloadError, download_file, download_mnist
+from pipeline.data.mnist import FILES
 
-from conftest import MirrorServer
+from helpers import MirrorServer
 
 LABELS = FILES[1]  # train labels: 28 KB, quick to serve many times
 

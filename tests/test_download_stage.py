@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.mnist import FILES, verify_gz
+from pipeline.data.mnist import FILES, verify_gz
 
-from conftest import Dvc, MirrorServer
+from helpers import Dvc, MirrorServer
 
 pytestmark = pytest.mark.slow
 

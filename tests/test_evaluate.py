@@ -19,12 +19,12 @@ import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from pipeline import yardstick
-from pipeline.evaluate import Paths, generate_samples, measure
-from pipeline.inference import Generator
-from pipeline.params import Params, flatten
+from pipeline.core.params import Params, flatten
+from pipeline.evaluation import yardstick
+from pipeline.evaluation.evaluate import Paths, generate_samples, measure
+from pipeline.inference.generator import Generator
 
-from conftest import Dvc, SmokePipeline
+from helpers import Dvc, SmokePipeline
 
 REPO = Path(__file__).resolve().parent.parent
 KEYS = {"fid", "classifier_score", "precision", "recall"} | {
@@ -60,7 +60,7 @@ def test_evaluate_draws_what_the_cli_draws(
 ) -> None:
     model = onnx_generators["conditional"]
     out = tmp_path / "x.npy"
-    cli = [sys.executable, "-m", "pipeline.generate", "--model", str(model)]
+    cli = [sys.executable, "-m", "pipeline.inference.generate", "--model", str(model)]
     cli += ["--seed", "3", "--n", "4", "--out", str(out)]
     subprocess.run(cli, cwd=REPO, check=True, capture_output=True, timeout=120)
     samples = generate_samples(Generator(model, max_n=1000), 500, seed=3, batch_size=250)
@@ -108,7 +108,8 @@ def test_numbers_are_the_same_on_one_and_two_threads(
 
 def test_evaluate_code_never_imports_tensorflow() -> None:
     code = (
-        "import sys, stages.evaluate, pipeline.evaluate, pipeline.yardstick, pipeline.tracking\n"
+        "import sys, stages.evaluate, pipeline.evaluation.evaluate\n"
+        "import pipeline.evaluation.yardstick, pipeline.tracking.runs\n"
         f"heavy = sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})\n"
         "assert not heavy, heavy\n"
     )

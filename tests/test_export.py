@@ -1,4 +1,4 @@
-"""pipeline.export and the export stage: the ONNX contract, parity with TensorFlow, checks
+"""pipeline.training.export and the export stage: the ONNX contract, parity with TensorFlow, checks
 that refuse a bad graph, and the model logged into the training's MLflow run."""
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import tensorflow as tf
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipeline.export import ExportError, check_export, export_model, float32_generator
-from pipeline.inference import Generator
-from pipeline.models import build_generator, dtype_policy
-from pipeline.params import Params
+from pipeline.core.params import Params
+from pipeline.inference.generator import Generator
+from pipeline.training.export import ExportError, check_export, export_model, float32_generator
+from pipeline.training.models import build_generator, dtype_policy
 
 REPO = Path(__file__).resolve().parent.parent
 METADATA_KEYS = {
@@ -210,7 +210,7 @@ def test_export_and_generate_stages_log_into_the_training_run(
     stage = [sys.executable, "-m", "stages.export", "--params", "params.yaml"]
     export = subprocess.run(stage, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert export.returncode == 0, export.stderr
-    # A quiet start on CPU (pipeline.stage), and a model MLflow has nothing to infer for.
+    # A quiet start on CPU (pipeline.core.stage), and a model MLflow has nothing to infer for.
     if not list(Path("/dev").glob("nvidia[0-9]*")):
         assert "cuInit" not in export.stderr, export.stderr
     assert "oneDNN custom operations" not in export.stderr, export.stderr

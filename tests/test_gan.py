@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline.dataset import make_dataset
-from pipeline.distribute import set_up
-from pipeline.gan import GAN, METRICS
-from pipeline.mnist import load_split
-from pipeline.optimizers import FusedAdam
-from pipeline.params import Params
+from pipeline.core.params import Params
+from pipeline.data.mnist import load_split
+from pipeline.training.dataset import make_dataset
+from pipeline.training.distribute import set_up
+from pipeline.training.gan import GAN, METRICS
+from pipeline.training.optimizers import FusedAdam
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""`python -m pipeline.generate` end to end, in a subprocess, on exported smoke models."""
+"""`python -m pipeline.inference.generate` end to end, in a subprocess, on exported smoke models."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.inference import Generator, make_grid
+from pipeline.inference.generator import Generator, make_grid
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 def generate(*args: str | Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.generate", *map(str, args)],
+        [sys.executable, "-m", "pipeline.inference.generate", *map(str, args)],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -99,10 +99,10 @@ def test_bad_input_exits_2_with_one_line(
 def test_a_seed_draws_the_same_digits_in_the_cli_and_the_service(
     tmp_path: Path, onnx_generators: dict[str, Path], name: str
 ) -> None:
-    """One sampler (pipeline.images.sample_latents): `--seed 3` here is `?seed=3` there."""
+    """One sampler (pipeline.core.images.sample_latents): `--seed 3` here is `?seed=3` there."""
     from fastapi.testclient import TestClient
 
-    from pipeline.serve import Settings, create_app
+    from pipeline.serve.app import Settings, create_app
 
     model, out = onnx_generators[name], tmp_path / "three.npy"
     assert generate("--model", model, "--n", 6, "--seed", 3, "--out", out).returncode == 0

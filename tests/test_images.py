@@ -1,11 +1,11 @@
-"""The image contract (pipeline/images.py): ranges, labels, the one latent sampler, grids."""
+"""The image contract (pipeline/core/images.py): ranges, labels, the one latent sampler, grids."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipeline.images import (
+from pipeline.core.images import (
     cycle_labels,
     from_uint8,
     grid_columns,
@@ -34,7 +34,7 @@ def test_labels_cycle_or_repeat_the_digit() -> None:
     assert labels_for(3, None).dtype == np.int64
 
 
-# Pinned values: the browser page (pipeline/web) and any other client reproduce these
+# Pinned values: the browser page (pipeline/serve/web) and any other client reproduce these
 # bit for bit, so a change here is a change of contract.
 PINNED = {
     ("normal", 0): [0.729062557220459, 1.1801990270614624, 0.9170739054679871],

@@ -1,4 +1,4 @@
-"""pipeline.inference: the ONNX-only generation library (no TensorFlow on this path)."""
+"""pipeline.inference.generator: the ONNX-only generation library (no TensorFlow on this path)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
-from pipeline.inference import (
+from pipeline.core.png import encode_gray
+from pipeline.inference.generator import (
     Generator,
     InputError,
     ModelError,
@@ -21,7 +22,6 @@ from pipeline.inference import (
     make_grid,
     to_uint8,
 )
-from pipeline.png import encode_gray
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -211,7 +211,8 @@ def test_wrong_contract(tmp_path: Path, metadata: dict, model_kwargs: dict, prob
 
 def test_inference_path_never_imports_tensorflow() -> None:
     code = (
-        "import sys, pipeline.inference, pipeline.generate, pipeline.serve\n"
+        "import sys, pipeline.inference.generator, pipeline.inference.generate\n"
+        "import pipeline.serve.app\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
         "('tensorflow', 'keras', 'tf2onnx', 'mlflow', 'PIL'))\n"
         "assert not heavy, heavy\n"

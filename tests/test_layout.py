@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import checkpoints
+from pipeline.training import checkpoints
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("pipeline", "stages")
@@ -82,7 +82,11 @@ def test_code_deps_are_exactly_the_import_graph(name: str) -> None:
 def test_checkpoint_digest_hashes_what_decides_the_weights() -> None:
     """Every module the train stage runs either decides the weights (hashed: a checkpoint
     from other code is not resumed) or is named as bookkeeping, with no module in both."""
-    runs = {Path(path).name for path in closure("stages/train.py") if path.startswith("pipeline/")}
+    runs = {
+        path.removeprefix("pipeline/")
+        for path in closure("stages/train.py")
+        if path.startswith("pipeline/")
+    }
     hashed, bookkeeping = set(checkpoints.SOURCES), set(checkpoints.BOOKKEEPING)
     assert not hashed & bookkeeping
     assert hashed | bookkeeping == runs
@@ -91,7 +95,50 @@ def test_checkpoint_digest_hashes_what_decides_the_weights() -> None:
 def test_train_stage_takes_one_flag_per_output() -> None:
     from dataclasses import fields
 
-    from pipeline.train import Outputs
+    from pipeline.training.train import Outputs
     from stages.train import OUTPUTS
 
     assert tuple(field.name for field in fields(Outputs)) == OUTPUTS
+
+
+def package_imports() -> dict[str, set[str]]:
+    """Each package of ``pipeline/`` -> the other packages its modules import (lazy imports
+    included, as in :func:`closure`)."""
+    graph: dict[str, set[str]] = {}
+    for package in sorted(path for path in (REPO / "pipeline").iterdir() if path.is_dir()):
+        if not (package / "__init__.py").is_file():
+            continue  # data folders (serve/web)
+        found = graph.setdefault(package.name, set())
+        for module in package.glob("*.py"):
+            found |= {name.split(".")[1] for name in _imports(module) if name.count(".") >= 1}
+        found -= {package.name}
+    return graph
+
+
+def test_pipeline_is_packages_by_role() -> None:
+    """No module at the top of ``pipeline/`` but its ``__init__``: every module sits in the
+    package of its role."""
+    assert sorted(path.name for path in (REPO / "pipeline").glob("*.py")) == ["__init__.py"]
+
+
+def test_the_architecture_page_maps_the_package_graph() -> None:
+    """docs/architecture.md's package table (package, role, what it imports) is the import
+    graph: a new cross-package import shows up there, or this fails."""
+    text = (REPO / "docs" / "architecture.md").read_text()
+    section = text.split("## Package dependencies", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(\w+)` \|[^|\n]*\|([^|\n]*)\|", section, flags=re.M)
+    documented = {package: set(re.findall(r"`(\w+)`", imports)) for package, imports in rows}
+    assert documented == package_imports()
+
+
+@pytest.mark.parametrize("package", ["serve", "inference"])
+def test_serving_never_imports_training(package: str) -> None:
+    """What a deployment runs (the service, the CLI) reaches no TensorFlow code: neither
+    ``training`` nor ``evaluation`` (whose yardstick builder trains)."""
+    for module in sorted((REPO / "pipeline" / package).glob("*.py")):
+        reached = closure(module.relative_to(REPO).as_posix())
+        heavy = sorted(path for path in reached if path.startswith(HEAVY_PACKAGES))
+        assert heavy == [], f"{module.name} reaches {heavy}"
+
+
+HEAVY_PACKAGES = ("pipeline/training/", "pipeline/evaluation/", "pipeline/tracking/")

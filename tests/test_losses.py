@@ -11,7 +11,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline.losses import discriminator_loss, generator_loss, gradient_penalty, mode_seeking
+from pipeline.training.losses import (
+    discriminator_loss,
+    generator_loss,
+    gradient_penalty,
+    mode_seeking,
+)
 
 REAL = tf.constant([[0.0], [2.0]])
 FAKE = tf.constant([[0.0], [-1.0]])

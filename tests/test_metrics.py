@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from pipeline.metrics import (
+from pipeline.data.mnist import load_split
+from pipeline.evaluation.metrics import (
     class_shares,
     classifier_score,
     compare,
@@ -17,7 +18,6 @@ from pipeline.metrics import (
     knn_radii,
     precision_recall,
 )
-from pipeline.mnist import load_split
 
 
 def one_hot(labels: np.ndarray, num_classes: int = 10) -> np.ndarray:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.mnist import FILES, IdxFormatError, load_split, parse_idx
+from pipeline.data.mnist import FILES, IdxFormatError, load_split, parse_idx
 
 
 def test_reads_real_mnist(mnist_dir: Path) -> None:

@@ -9,9 +9,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline.images import sample_latents
-from pipeline.models import MinibatchStd, build_discriminator, build_generator, sample_noise
-from pipeline.params import Params
+from pipeline.core.images import sample_latents
+from pipeline.core.params import Params
+from pipeline.training.models import (
+    MinibatchStd,
+    build_discriminator,
+    build_generator,
+    sample_noise,
+)
 
 
 def _model_params(smoke: Params, **changes: object):
@@ -117,7 +122,7 @@ def test_minibatch_std_adds_each_groups_spread(smoke_params: Params, tmp_path: P
     dense = [layer for layer in d.layers if isinstance(layer, keras.layers.Dense)]
     # The feature joins the input of the last hidden layer: 64 + 1 inputs.
     assert [tuple(layer.kernel.shape) for layer in dense] == [(784, 64), (65, 32), (32, 1)]
-    d.save(tmp_path / "d.keras")  # registered: loads where pipeline.models is imported
+    d.save(tmp_path / "d.keras")  # registered: loads where pipeline.training.models is imported
     images = rng.uniform(-1, 1, size=(8, 28, 28, 1)).astype(np.float32)
     labels = np.arange(8, dtype=np.int32)
     loaded = keras.models.load_model(tmp_path / "d.keras")

@@ -1,6 +1,6 @@
 """Multi-worker training for real: two train stages on loopback (MultiWorkerMirroredStrategy
-over gRPC, on CPU) started by ``python -m pipeline.multiworker``, a worker killed, the rerun
-resumed from the chief's checkpoint, and the result compared with a one-worker run."""
+over gRPC, on CPU) started by ``python -m pipeline.training.multiworker``, a worker killed,
+the rerun resumed from the chief's checkpoint, and the result compared with a one-worker run."""
 
 from __future__ import annotations
 
@@ -21,19 +21,20 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipeline.export import export_model
-from pipeline.multiworker import check_params, dvc_train_args, free_ports, tf_config
-from pipeline.params import Params, load_params
-from pipeline.stage import UserError
-from pipeline.train import train
+from pipeline.core.errors import UserError
+from pipeline.core.params import Params, load_params
+from pipeline.tracking.runs import Store
+from pipeline.training.export import export_model
+from pipeline.training.multiworker import check_params, dvc_train_args, free_ports, tf_config
+from pipeline.training.train import train
 
-from conftest import stage_args, train_outputs
+from helpers import stage_args, train_outputs
 
 REPO = Path(__file__).resolve().parent.parent
 
 # Two workers agree with one device up to float rounding, not bit for bit. Each worker
 # builds the same global batch and the same global noise (drawn once, outside the replicas)
-# and takes its half (pipeline.distribute.replica_rows), so every step computes the same maths;
+# and takes its half (distribute.replica_rows), so every step computes the same maths;
 # what differs is the order of additions: one device sums a loss's 64 terms at once, two
 # workers sum 32 each and all-reduce the gradients. That is float32 rounding, ~1e-7 relative
 # per step, and 24 Adam steps (each moves a weight by at most ~lr) do not amplify it past
@@ -48,10 +49,19 @@ WAIT_S = 600
 
 
 class Launcher:
-    """``python -m pipeline.multiworker`` in the background; its output lines in ``lines``."""
+    """``python -m pipeline.training.multiworker`` in the background; its output lines in
+    ``lines``."""
 
     def __init__(self, args: list[str], env: dict[str, str]) -> None:
-        command = [sys.executable, "-m", "pipeline.multiworker", "--workers", "2", "--grace", "5"]
+        command = [
+            sys.executable,
+            "-m",
+            "pipeline.training.multiworker",
+            "--workers",
+            "2",
+            "--grace",
+            "5",
+        ]
         self.proc = subprocess.Popen(
             [*command, "--", *args], cwd=REPO, env=env, text=True,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -173,7 +183,8 @@ def test_two_loopback_workers_resume_and_agree_with_one(
     assert [path.name for path in artifacts.iterdir()] == [run_file["run_id"]]
 
     reference = tmp_path / "reference"  # one worker, one device, same global batch
-    expected = train(_params(smoke_params, "default"), mnist_dir, train_outputs(reference))
+    store = Store(f"sqlite:///{reference / 'mlflow.db'}", reference)
+    expected = train(_params(smoke_params, "default"), mnist_dir, train_outputs(reference), store)
     actual = json.loads((cluster / "reports" / "train.json").read_text())
     assert actual["steps"] == expected["steps"] == STEPS
     for key in ("d_loss", "g_loss", "d_real", "d_fake"):

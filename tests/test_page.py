@@ -1,6 +1,6 @@
 """The digits page without a browser: how the service serves it (types, caching, limits),
 what it may load (its own origin only), how big it is, that the page's JavaScript sampler
-is pipeline/images.py's bit for bit (run by Node), and build_site's refusals.
+is pipeline/core/images.py's bit for bit (run by Node), and build_site's refusals.
 tests/test_browser.py drives the page itself in Chromium."""
 
 import json
@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from pipeline.images import sample_latents
-from pipeline.page import ORT_FILES, PAGE_FILES, WEB_DIR, SiteError, build_site
-from pipeline.page import main as page_main
-from pipeline.serve import Settings, create_app
+from pipeline.core.images import sample_latents
+from pipeline.serve.app import Settings, create_app
+from pipeline.serve.page import ORT_FILES, PAGE_FILES, WEB_DIR, SiteError, build_site
+from pipeline.serve.page import main as page_main
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -158,7 +158,7 @@ def test_serve_image_carries_the_page() -> None:
     COPY lines let through: each page file must pass both, itself or in a copied folder."""
     sources = copied_sources((REPO / "Dockerfile").read_text())
     allowed = (REPO / ".dockerignore").read_text().splitlines()
-    for path in ["pipeline/page.py", *(f"pipeline/web/{name}" for name in PAGE_FILES)]:
+    for path in ["pipeline/serve/page.py", *(f"pipeline/serve/web/{name}" for name in PAGE_FILES)]:
         names = {path, *(f"{folder}/" for folder in PurePosixPath(path).parents if folder.name)}
         assert any(f"!{name}" in allowed for name in names), path
         assert names & sources, path

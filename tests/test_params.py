@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.params import ParamsError, apply_overrides, load_params, parse_params
-from pipeline.presets import load_preset
+from pipeline.core.params import ParamsError, apply_overrides, load_params, parse_params
+from pipeline.experiments.presets import load_preset
 
-from conftest import stage_args
+from helpers import stage_args
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import tile
-from pipeline.plots import (
+from pipeline.core.images import tile
+from pipeline.evaluation.plots import (
     DPI,
     FIGSIZE,
     mosaic,
@@ -123,7 +123,7 @@ def test_training_gif(tmp_path: Path) -> None:
 
 def test_gif_keeps_the_gaps_of_a_training_grid(tmp_path: Path) -> None:
     # Training writes 2 x 2 grids of 28 px digits with 2 px white gaps (62 px, as
-    # pipeline.train does through images.tile); the GIF upscales 6x to reach 320 px.
+    # pipeline.training.train does through images.tile); the GIF upscales 6x to reach 320 px.
     grid = tile(np.zeros((4, 28, 28), np.uint8), cols=2, pad=2, fill=255)
     Image.fromarray(grid).save(tmp_path / "step_0000001.png")
     with Image.open(training_gif(tmp_path, tmp_path / "t.gif")) as gif:

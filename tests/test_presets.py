@@ -10,8 +10,8 @@ import pytest
 import yaml
 from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
 
-from pipeline.params import ParamsError, apply_overrides, load_params, parse_params
-from pipeline.presets import exp_run_args, load_preset, parse_assignments, preset_names
+from pipeline.core.params import ParamsError, apply_overrides, load_params, parse_params
+from pipeline.experiments.presets import exp_run_args, load_preset, parse_assignments, preset_names
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -152,6 +152,6 @@ def test_a_preset_that_is_its_own_base_is_refused(
 ) -> None:
     (tmp_path / "a.yaml").write_text("base: b\npreset: a\n")
     (tmp_path / "b.yaml").write_text("base: a\npreset: b\n")
-    monkeypatch.setattr("pipeline.presets.PRESETS_DIR", tmp_path)
+    monkeypatch.setattr("pipeline.experiments.presets.PRESETS_DIR", tmp_path)
     with pytest.raises(ParamsError, match=r"base: preset 'a' is its own base \(a -> b\)"):
         load_preset("a")

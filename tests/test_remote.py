@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Dvc, SmokePipeline
+from helpers import Dvc, SmokePipeline
 
 # xdist_group: on the worker that builds the shared smoke run (tests/conftest.py), not twice.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("smoke_pipeline")]

@@ -1,8 +1,8 @@
-"""docs/results_tables.py never puts FIDs from different yardsticks in one column silently."""
+"""tools/results_tables.py never puts FIDs from different yardsticks in one column silently."""
 
 from __future__ import annotations
 
-from docs.results_tables import PER_MACHINE, Run, glance_table
+from tools.results_tables import PER_MACHINE, Run, glance_table
 
 FLOOR = {"fid": 0.5, "classifier_score": 9.7, "precision": 0.9, "recall": 0.9}
 

@@ -24,8 +24,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from pipeline.inference import Generator, encode_png
-from pipeline.serve import Settings, create_app
+from pipeline.inference.generator import Generator, encode_png
+from pipeline.serve.app import Settings, create_app
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -390,7 +390,7 @@ def test_server_process_freezes_what_startup_built(onnx_generators: dict[str, Pa
     garbage collector's scans: shorter pauses under load (README, HTTP service)."""
     code = (
         "import gc\n"
-        "from pipeline.serve import app_from_env\n"
+        "from pipeline.serve.app import app_from_env\n"
         "assert gc.get_freeze_count() == 0\n"
         "app_from_env()\n"
         "assert gc.get_freeze_count() > 10_000, gc.get_freeze_count()\n"

@@ -1,4 +1,4 @@
-"""Dynamic batching in the service (pipeline/serve_batcher.py), in-process: httpx's
+"""Dynamic batching in the service (pipeline/serve/batcher.py), in-process: httpx's
 AsyncClient over ASGITransport sends truly concurrent requests into one event loop, with
 real onnxruntime on the small exported generators. Checks that batching changes no pixel,
 that concurrent requests really share onnxruntime calls, and that a full or slow queue
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from fastapi import FastAPI
 
-from pipeline.inference import Generator
-from pipeline.serve import Settings, create_app
+from pipeline.inference.generator import Generator
+from pipeline.serve.app import Settings, create_app
 
 # Every wait in these tests is bounded: no request may take longer than this.
 TIMEOUT_S = 10.0

@@ -19,7 +19,7 @@ from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 from test_serve import running_server
 
-from pipeline.serve import Settings, create_app
+from pipeline.serve.app import Settings, create_app
 
 # Small limits keep each case cheap; the checks do not depend on the sizes.
 LIMITS = {"max_n": 32, "max_concurrency": 64}

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.serve import Settings, SettingsError
-from pipeline.serve_logging import json_formatter
+from pipeline.serve.app import Settings, SettingsError
+from pipeline.serve.logs import json_formatter
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""pipeline.stage: a stage started from a plain shell runs in the project's environment (or
+"""pipeline.core.stage: a stage started from a plain shell runs in the project's environment (or
 says in one line what to run), and TensorFlow's start-up noise is filtered, not its errors."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.mnist import FILES
+from pipeline.data.mnist import FILES
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -59,7 +59,7 @@ def test_tensorflow_startup_noise_is_dropped_and_real_errors_kept() -> None:
         "W0000 00:00:1 some_op.cc:1] a real warning",
     ]
     code = (
-        "import os, sys; from pipeline.stage import quiet_tensorflow_startup as q; q(); "
+        "import os, sys; from pipeline.core.stage import quiet_tensorflow_startup as q; q(); "
         f"os.write(2, {chr(10).join(lines)!r}.encode() + b'\\n'); "
         "sys.stderr.write('50%\\r100%\\n'); print('out')"
     )

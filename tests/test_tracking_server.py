@@ -1,5 +1,5 @@
 """Team tracking for real: PostgreSQL and `mlflow server` started on loopback by the tests
-(scripts/tracking_server.py, what `make tracking-server` runs), a queued DVC sweep logging
+(pipeline/tracking/server.py, what `make tracking-server` runs), a queued DVC sweep logging
 into it, training that outlives a server restart, and wrong tracking URIs failing first."""
 
 from __future__ import annotations
@@ -24,13 +24,14 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipeline import compare, run_logger, tracking, ui
-from pipeline.params import apply_overrides
-from pipeline.presets import load_preset
-from pipeline.stage import UserError
-from scripts.tracking_server import PG_BIN, TrackingServer
+from pipeline.core.errors import UserError
+from pipeline.core.params import apply_overrides
+from pipeline.experiments import compare, ui
+from pipeline.experiments.presets import load_preset
+from pipeline.tracking import run_logger, runs
+from pipeline.tracking.server import PG_BIN, TrackingServer
 
-from conftest import REPO, Dvc, stage_args
+from helpers import REPO, Dvc, stage_args
 
 # One PostgreSQL + MLflow server per session: every test here on the same pytest-xdist worker.
 pytestmark = pytest.mark.xdist_group("tracking_server")
@@ -105,10 +106,10 @@ def test_wrong_tracking_uris_fail_first_with_one_line(
     # 127.1 is 127.0.0.1 to the socket, but not a Host name the server allows by default
     forbidden = server.uri.replace("127.0.0.1", "127.1")
     with pytest.raises(UserError, match=r"answered 403 Forbidden.*'127\.1'.*--allowed-hosts"):
-        tracking.check_server(forbidden)
+        runs.check_server(forbidden)
     with pytest.raises(UserError, match=r"got 'ftp://127\.0\.0\.1/x'; use http\(s\)://"):
-        tracking.check_server("ftp://127.0.0.1/x")
-    tracking.check_server(server.uri)  # the real one passes
+        runs.check_server("ftp://127.0.0.1/x")
+    runs.check_server(server.uri)  # the real one passes
 
 
 def test_a_run_joins_the_experiment_another_run_created_meanwhile(
@@ -127,7 +128,7 @@ def test_a_run_joins_the_experiment_another_run_created_meanwhile(
         return None if len(looked) == 1 else lookup(client, wanted)
 
     monkeypatch.setattr(MlflowClient, "get_experiment_by_name", a_moment_earlier)
-    assert tracking.experiment_id(name, server.uri) == first
+    assert runs.experiment_id(name, runs.Store(server.uri, server.state)) == first
     assert looked == [name, name]
 
 
@@ -138,7 +139,7 @@ def test_run_logger_names_what_a_gone_server_never_got(server: TrackingServer) -
     closed = f"http://127.0.0.1:{_free_port()}"  # the server's address once it is gone
     mlflow.set_tracking_uri(closed)
     began = time.monotonic()
-    logger = run_logger.RunLogger(run, wait_s=2)  # type: ignore[arg-type]
+    logger = run_logger.RunLogger(run, closed, wait_s=2)  # type: ignore[arg-type]
     with pytest.raises(run_logger.ServerGoneError) as caught, logger:
         for epoch in (1, 2, 3, 5):
             logger.log_metrics({"d_loss": 1.0 / epoch}, step=epoch)
@@ -230,7 +231,7 @@ def test_queued_sweep_runs_in_parallel_and_logs_into_the_team_server(
     env = {"MNIST_MIRROR": str(shared_mnist), "MLFLOW_TRACKING_URI": server.uri}
     model = "mnist-generator-sweep"
     names = {"smoke-lr_g-1e-4": 1e-4, "smoke-lr_g-4e-4": 4e-4}
-    sweep = [sys.executable, "-m", "pipeline.sweep", "smoke", "train.lr_g=1e-4,4e-4"]
+    sweep = [sys.executable, "-m", "pipeline.experiments.sweep", "smoke", "train.lr_g=1e-4,4e-4"]
     sweep.append(f"export.registered_model={model}")
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # as make's
     queued = subprocess.run(

@@ -19,12 +19,13 @@ import tensorflow as tf
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipeline.cpu import cores, native_bfloat16
-from pipeline.distribute import ThreadPoolsFixedError, set_thread_pools
-from pipeline.params import Params
-from pipeline.train import HISTORY_COLUMNS, TrainingDivergedError, train
+from pipeline.core.cpu import cores, native_bfloat16
+from pipeline.core.params import Params
+from pipeline.tracking.runs import Store
+from pipeline.training.distribute import ThreadPoolsFixedError, set_thread_pools
+from pipeline.training.train import HISTORY_COLUMNS, TrainingDivergedError, train
 
-from conftest import stage_args, train_outputs
+from helpers import stage_args, train_outputs
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -46,7 +47,7 @@ def test_smoke_training_writes_outputs_and_mlflow_run(
     smoke_params: Params, mnist_dir: Path, tmp_path: Path, mlflow_store: str
 ) -> None:
     params = _params(smoke_params, epochs=2)
-    metrics = train(params, mnist_dir, train_outputs(tmp_path))
+    metrics = train(params, mnist_dir, train_outputs(tmp_path), Store(mlflow_store, tmp_path))
     assert all(np.isfinite(metrics[key]) for key in ("d_loss", "g_loss", "d_real", "d_fake"))
     assert metrics["epochs"] == 2 and metrics["steps"] == 2 * (512 // 64)
 
@@ -80,7 +81,12 @@ def test_smoke_training_writes_outputs_and_mlflow_run(
 def test_mixed_precision_on_a_cpu_trains_in_bfloat16_where_it_is_native(
     smoke_params: Params, mnist_dir: Path, tmp_path: Path, mlflow_store: str
 ) -> None:
-    metrics = train(_params(smoke_params, mixed_precision=True), mnist_dir, train_outputs(tmp_path))
+    metrics = train(
+        _params(smoke_params, mixed_precision=True),
+        mnist_dir,
+        train_outputs(tmp_path),
+        Store(mlflow_store, tmp_path),
+    )
     assert keras.mixed_precision.global_policy().name == "float32"  # the process' policy again
     assert all(np.isfinite(metrics[key]) for key in ("d_loss", "g_loss", "d_real", "d_fake"))
     expected = "bfloat16" if native_bfloat16() else "float32"
@@ -96,17 +102,18 @@ def test_mixed_precision_on_a_cpu_trains_in_bfloat16_where_it_is_native(
 def test_rerun_resumes_and_changed_params_start_fresh(
     smoke_params: Params, mnist_dir: Path, tmp_path: Path, mlflow_store: str, caplog: Any
 ) -> None:
-    caplog.set_level(logging.INFO, logger="pipeline.checkpoints")
+    caplog.set_level(logging.INFO, logger="pipeline.training.checkpoints")
     out, models = train_outputs(tmp_path), tmp_path / "models"
-    first = train(smoke_params, mnist_dir, out)
+    store = Store(mlflow_store, tmp_path)
+    first = train(smoke_params, mnist_dir, out, store)
     run_id = json.loads((models / "mlflow_run.json").read_text())["run_id"]
     # Nothing left to train: the same metrics come back from the checkpointed history.
-    assert train(smoke_params, mnist_dir, out) == first
+    assert train(smoke_params, mnist_dir, out, store) == first
     assert "resuming from" in caplog.text
     assert json.loads((models / "mlflow_run.json").read_text())["run_id"] == run_id
 
     caplog.clear()
-    train(_params(smoke_params, lr_g=1e-3), mnist_dir, out)
+    train(_params(smoke_params, lr_g=1e-3), mnist_dir, out, store)
     assert "from other params or code" in caplog.text and "starting fresh" in caplog.text
     assert json.loads((models / "mlflow_run.json").read_text())["run_id"] != run_id
 
@@ -118,7 +125,7 @@ def test_non_finite_loss_stops_with_epoch_and_step(
     params = _params(smoke_params, lr_d=1e30, lr_g=1e30, epochs=None, steps=6,
                      checkpoint_every=1, sample_every=6)  # fmt: skip
     with pytest.raises(TrainingDivergedError, match=r"non-finite loss at epoch 1, step (\d)") as e:
-        train(params, mnist_dir, train_outputs(tmp_path))
+        train(params, mnist_dir, train_outputs(tmp_path), Store(mlflow_store, tmp_path))
     bad_step = int(e.value.args[0].split("step ")[1].split(";")[0])
     saved = tf.train.latest_checkpoint(tmp_path / "models" / "checkpoints")
     # Only steps before the bad one were checkpointed; no model file was written.
@@ -135,7 +142,7 @@ def test_training_refuses_thread_pools_it_did_not_plan(
     tf.constant(1.0) + 1.0  # started: the pools are the session's (conftest), one shard's differ
     one_shard = _params(smoke_params, shards=1)
     with pytest.raises(ThreadPoolsFixedError) as refused:
-        train(one_shard, mnist_dir, train_outputs(tmp_path))
+        train(one_shard, mnist_dir, train_outputs(tmp_path), Store(mlflow_store, tmp_path))
     assert "train.shards: 1" in str(refused.value) and "\n" not in str(refused.value)
     assert "fresh process" in str(refused.value)
     assert keras.mixed_precision.global_policy().name == "float32"  # the policy given back
@@ -201,10 +208,12 @@ logging.basicConfig(level=logging.INFO)
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 sys.path.insert(0, "tests")
-from conftest import train_outputs
-from pipeline.params import load_params
-from pipeline.train import train
-print(train(load_params(sys.argv[1]), Path(sys.argv[3]), train_outputs(Path(sys.argv[2]))))
+from helpers import train_outputs
+from pipeline.core.params import load_params
+from pipeline.training.train import train
+from pipeline.tracking.runs import resolve_store
+out = train_outputs(Path(sys.argv[2]))
+print(train(load_params(sys.argv[1]), Path(sys.argv[3]), out, resolve_store()))
 """
 
 

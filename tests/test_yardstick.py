@@ -10,10 +10,10 @@ import numpy as np
 import onnx
 import pytest
 
-from pipeline import yardstick
-from pipeline.images import from_uint8
-from pipeline.mnist import load_split
-from pipeline.yardstick import Yardstick, YardstickError
+from pipeline.core.images import from_uint8
+from pipeline.data.mnist import load_split
+from pipeline.evaluation import yardstick
+from pipeline.evaluation.yardstick import Yardstick, YardstickError
 
 
 @pytest.fixture(scope="module")

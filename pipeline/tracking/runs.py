@@ -1,0 +1,238 @@
+"""MLflow plumbing shared by train, evaluate and export.
+
+Everything lands in the repo's own store (``sqlite:///<repo>/mlflow.db``, artifacts under
+``<repo>/mlartifacts``) unless ``MLFLOW_TRACKING_URI`` says otherwise. The repo root is
+``$DVC_ROOT`` when DVC runs us: a queued ``dvc exp run`` works in a temp copy under
+``.dvc/tmp/exps/`` that DVC deletes afterwards, so paths built from the cwd would vanish
+with it. Training writes ``models/mlflow_run.json``; later stages :func:`open_run` it to log
+into the same run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import mlflow
+import requests
+from filelock import FileLock
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from pipeline.core.errors import UserError
+from pipeline.tracking import run_logger
+
+log = logging.getLogger("tracking")
+# Stores MLflow opens itself (paths, databases) and tracking servers (checked before any work).
+LOCAL_SCHEMES = {"", "file", "sqlite", "postgresql", "mysql", "mssql"}
+
+
+@dataclass(frozen=True)
+class Store:
+    """Where a stage's MLflow runs go: resolved once per stage (:func:`resolve_store`) and
+    passed down as a value."""
+
+    uri: str
+    root: Path  # the repo root: a local store keeps its artifacts under root/mlartifacts
+
+
+def resolve_store(environ: Mapping[str, str] = os.environ, cwd: Path | None = None) -> Store:
+    """``$MLFLOW_TRACKING_URI``, else ``sqlite:///<root>/mlflow.db``; the root is
+    ``$DVC_ROOT`` when DVC runs us (a queued run's cwd is a temp copy), else ``cwd``."""
+    root = Path(environ.get("DVC_ROOT") or cwd or Path.cwd()).resolve()
+    return Store(environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}", root)
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock beside a local SQLite store. MLflow creates and migrates a new
+    database on first connect, and experiments queued with ``dvc queue start -j 2`` do that
+    at the same moment: unserialised, they leave it half-migrated and every run fails."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    with FileLock(uri.removeprefix("sqlite:///") + ".lock"):
+        yield
+
+
+def experiment_id(name: str, store: Store) -> str:
+    """The id of experiment ``name``, created on first use with its artifacts under the repo
+    (for a local store; a tracking server keeps its own artifact location)."""
+    uri = store.uri
+    with _store_lock(uri):
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        location = None
+        if uri.startswith(("sqlite:", "file:", "/")):
+            location = (store.root / "mlartifacts" / name).as_uri()
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except MlflowException as error:
+            # A server has no lock of ours: two queued runs can both find no experiment,
+            # and the second create is refused. Join the one the other run made.
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+            return experiment.experiment_id
+
+
+@contextlib.contextmanager
+def start_run(
+    store: Store, experiment: str, run_name: str, tags: dict[str, str], run_id: str | None = None
+) -> Iterator[mlflow.ActiveRun]:
+    """A new run in ``experiment`` (or run ``run_id`` again, when a training resumes)."""
+    uri = store.uri
+    mlflow.set_tracking_uri(uri)  # MLflow's fluent API (start_run, log_*) reads its own
+    if run_id is not None and _run_exists(uri, run_id):
+        arguments: dict[str, Any] = {"run_id": run_id}
+    else:
+        arguments = {"experiment_id": experiment_id(experiment, store), "run_name": run_name}
+        arguments["tags"] = tags
+    with mlflow.start_run(**arguments) as run:
+        try:
+            yield run
+        except run_logger.ServerGoneError:
+            run_logger.end_run_quickly(
+                "FAILED"
+            )  # the server is gone: MLflow's own retries take minutes
+            raise
+
+
+def _run_exists(uri: str, run_id: str) -> bool:
+    try:
+        with _store_lock(uri):
+            MlflowClient(uri).get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return False
+    return True
+
+
+def run_info(run: mlflow.ActiveRun, store: Store) -> dict[str, Any]:
+    """What ``models/mlflow_run.json`` holds."""
+    return {
+        "run_id": run.info.run_id,
+        "experiment_id": run.info.experiment_id,
+        "tracking_uri": store.uri,
+    }
+
+
+@contextlib.contextmanager
+def open_run(run_file: Path) -> Iterator[mlflow.ActiveRun]:
+    """Re-open the training's run (from ``models/mlflow_run.json``) to log into it."""
+    run_file = Path(run_file)
+    if not run_file.is_file():
+        raise UserError(f"{run_file}: missing; run the train stage first (dvc repro)")
+    info = json.loads(run_file.read_text())
+    uri = info["tracking_uri"]
+    check_server(uri)
+    if not _run_exists(uri, info["run_id"]):
+        raise UserError(
+            f"{run_file}: MLflow run {info['run_id']} is not in {uri}; "
+            "retrain to log a new run (dvc repro --force train)"
+        )
+    mlflow.set_tracking_uri(uri)  # MLflow's fluent API reads its own
+    with mlflow.start_run(run_id=info["run_id"]) as run:
+        yield run
+
+
+def check_server(uri: str, *, run_file: Path | None = None) -> None:
+    """Fail in the first seconds, with one line, when the tracking URI (the one in
+    ``run_file`` if that exists, else ``uri``) cannot be
+    used: an unknown scheme, a server that refuses the connection or answers with an error
+    (403: its ``--allowed-hosts`` lacks this host name). Stages call it before any work."""
+    name = "MLFLOW_TRACKING_URI"  # what the user fixes, named in every message
+    if uri is None and run_file is not None and Path(run_file).is_file():
+        uri, name = (
+            json.loads(Path(run_file).read_text())["tracking_uri"],
+            f"{run_file} tracking_uri",
+        )
+    scheme = urlsplit(uri).scheme.split("+")[0]
+    if scheme in LOCAL_SCHEMES:
+        return
+    if scheme not in run_logger.SERVER_SCHEMES:
+        raise UserError(
+            f"{name}: got {uri!r}; use http(s)://HOST:PORT of a tracking server "
+            "(make tracking-server), sqlite:///PATH, or unset it for the local mlflow.db"
+        )
+    probe = f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1"
+    try:
+        response = requests.get(probe, timeout=30)  # a busy server may take a while
+    except requests.RequestException as exc:
+        reason = type(exc).__name__
+        raise UserError(
+            f"{name}: no MLflow server answers at {uri} ({reason}); start one "
+            "(make tracking-server) or unset MLFLOW_TRACKING_URI for the local mlflow.db"
+        ) from None
+    if response.status_code == 403:
+        raise UserError(
+            f"{name}: {uri} answered 403 Forbidden: the server does not allow "
+            f"the host name {urlsplit(uri).hostname!r} (add it to its --allowed-hosts)"
+        )
+    if response.status_code != 200:
+        raise UserError(
+            f"{name}: {uri} answered HTTP {response.status_code} to an MLflow "
+            f"API call; is it an MLflow tracking server? ({response.text[:80]!r})"
+        )
+
+
+# Provenance: what code a run ran. MLflow takes its source tags from sys.argv[0] and the
+# git repo around it, which for `dvc queue start` are a temp copy DVC deletes afterwards and
+# the baseline it was copied from; the repo's HEAD may have moved on by then. These say
+# instead what stays true: the script's path in the repo, the baseline commit DVC started
+# from, the experiment's own git ref (DVC commits the experiment there when it ends), and
+# whether the code differed from that baseline.
+
+# What `dvc exp run -S` and a finished stage change by design: not "dirty" code.
+EXPERIMENT_FILES = ("params.yaml", "dvc.lock")
+
+
+def _git(*args: str) -> str:
+    result = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
+    return result.stdout if result.returncode == 0 else ""
+
+
+def source_tags() -> dict[str, str]:
+    """MLflow's own source tags, true for queued experiments too: for a run and a logged
+    model (both take ``tags=``, which win over the ones MLflow infers)."""
+    script = Path(sys.argv[0]).resolve()
+    workspace = Path.cwd().resolve()  # a stage runs in the repo root or DVC's copy of it
+    name = script.relative_to(workspace) if script.is_relative_to(workspace) else script
+    baseline = os.environ.get("DVC_EXP_BASELINE_REV") or _git("rev-parse", "HEAD").strip()
+    return {
+        "mlflow.source.name": name.as_posix(),
+        "mlflow.source.type": "LOCAL",
+        "mlflow.source.git.commit": baseline or "unknown",
+    }
+
+
+def provenance_tags() -> dict[str, str]:
+    """Source tags plus ``git_commit`` (the baseline), ``git_dirty`` (code or config other
+    than params.yaml/dvc.lock differs from it), ``git_changed`` (every changed path), and
+    the DVC experiment's name and ref."""
+    tags = source_tags()
+    baseline = tags["mlflow.source.git.commit"]
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    changed = sorted(line[3:] for line in status.splitlines())
+    name = os.environ.get("DVC_EXP_NAME", "")
+    ref = f"refs/exps/{baseline[:2]}/{baseline[2:]}/{name}" if name and baseline else ""
+    return {
+        **tags,
+        "git_commit": baseline,
+        "git_dirty": str(any(p not in EXPERIMENT_FILES for p in changed)).lower(),
+        "git_changed": " ".join(changed)[:4000],
+        "dvc_experiment": name,
+        "dvc_experiment_ref": ref,
+    }

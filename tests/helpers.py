@@ -1,0 +1,176 @@
+"""What tests share besides fixtures: the loopback MNIST mirror, dvc.yaml's paths laid out
+under a folder, real `dvc` and `git` runs, and a copy of this repo. Imported as
+``from helpers import ...``; conftest.py holds the fixtures built on them."""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+SHARED_MNIST = REPO.parent / "shared" / "mnist"
+
+
+# A fault is (status, body_transform, delay_s); the server pops one per request to a path,
+# then serves normally.
+Fault = tuple[int, Callable[[bytes], bytes] | None, float]
+
+
+class MirrorHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: Any) -> None:  # keep pytest output clean
+        pass
+
+    def do_GET(self) -> None:
+        server: MirrorServer = self.server  # type: ignore[assignment]
+        name = self.path.rsplit("/", 1)[-1]
+        server.requests.append((self.path, self.headers.get("Range")))
+        faults = server.faults.get(name, [])
+        status, transform, delay = faults.pop(0) if faults else (200, None, 0.0)
+        path = server.root / name
+        if status != 200 or not path.is_file():
+            self.send_response(status if status != 200 else 404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        body = path.read_bytes()
+        claimed = len(body)
+        if transform is not None:
+            body = transform(body)
+        start = 0
+        ranged = self.headers.get("Range")
+        if ranged and server.honour_range:
+            start = int(ranged.removeprefix("bytes=").split("-")[0])
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{claimed - 1}/{claimed}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(claimed - start))
+        self.end_headers()
+        if delay:
+            time.sleep(delay)
+        with contextlib.suppress(ConnectionError):
+            self.wfile.write(body[start:])
+            self.wfile.flush()
+        self.close_connection = True
+
+
+class MirrorServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(("127.0.0.1", 0), MirrorHandler)
+        self.root = root
+        self.faults: dict[str, list[Fault]] = {}
+        self.requests: list[tuple[str, str | None]] = []
+        self.honour_range = True
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/mnist/"
+
+
+@contextlib.contextmanager
+def serve_mirror(root: Path) -> Iterator[MirrorServer]:
+    server = MirrorServer(root)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def stage_paths(stage: str, root: Path) -> dict[str, Path]:
+    """The ``--flag path`` pairs of ``stage``'s cmd in dvc.yaml (the one map of files), the
+    paths moved under ``root``: tests lay files out exactly as the pipeline does."""
+    cmd = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["cmd"]
+    words = shlex.split(cmd)
+    flags = {words[i]: words[i + 1] for i in range(len(words) - 1) if words[i].startswith("--")}
+    return {flag[2:].replace("-", "_"): root / path for flag, path in flags.items()}
+
+
+def stage_args(stage: str, root: Path, **replace: Path) -> list[str]:
+    """``stage``'s cmd flags as a list, paths under ``root``, some ``replace``d."""
+    paths = {**stage_paths(stage, root), **replace}
+    return [
+        word for name, path in paths.items() for word in (f"--{name.replace('_', '-')}", str(path))
+    ]
+
+
+def train_outputs(root: Path) -> Any:
+    """pipeline.training.train.Outputs laid out as dvc.yaml lays them out, under ``root``."""
+    from pipeline.training.train import Outputs
+
+    paths = stage_paths("train", root)
+    return Outputs(**{name: paths[name] for name in Outputs.__dataclass_fields__})
+
+
+Dvc = Callable[..., subprocess.CompletedProcess[str]]
+
+
+def run_dvc(
+    repo: Path, *args: str, env: dict[str, str] | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """This venv's `dvc` in ``repo``, with ``env`` over ours; ``check`` asserts it succeeded.
+    Bounded in time, like every request loop in the tests."""
+    full_env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        **(env or {}),
+    }
+    result = subprocess.run(
+        ["dvc", *args], cwd=repo, env=full_env, capture_output=True, text=True, timeout=600
+    )
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+GIT = ["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci"]
+
+
+def copy_repo(dest: Path) -> Path:
+    """A fresh git + DVC repo at ``dest`` holding this repo's tracked sources, committed."""
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    for name in files:
+        source = REPO / name
+        if source.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+    subprocess.run([*GIT, "init", "-q"], cwd=dest, check=True)
+    subprocess.run([*GIT, "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*GIT, "commit", "-qm", "copy"], cwd=dest, check=True)
+    return dest
+
+
+@dataclass(frozen=True)
+class SmokePipeline:
+    repo: Path  # a repo copy on the smoke preset, `dvc repro evaluate` done, dvc.lock committed
+    env: dict[str, str]  # what every `dvc` call in it needs: the mirror, its MLflow store
+    tracking_uri: str
