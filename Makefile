@@ -31,6 +31,7 @@ test: setup
 	ruff check .
 	ruff format --check .
 	mypy
+	mkdocs build --strict --site-dir site
 	pytest -n 2 --dist loadgroup  # two workers: much of the suite waits on servers and DVC
 
 # One preset = one ordinary DVC experiment (listed by `dvc exp show` and in MLflow):
@@ -113,7 +114,11 @@ lock: $(UV)
 clean:
 	rm -rf $(VENV) .uv .pytest_cache .ruff_cache
 
-.PHONY: serve docker-check web
+.PHONY: serve docker-check web docs
+
+# The documentation site (docs/, mkdocs.yml) into site/; --strict: a broken link fails it.
+docs: setup
+	mkdocs build --strict --site-dir site
 
 # The generation service on 127.0.0.1:8000 (env MNIST_GAN_* for limits; see README).
 MODEL ?= models/generator.onnx
