@@ -47,7 +47,7 @@ exp: setup
 
 # The train stage on WORKERS workers on this machine (loopback, MultiWorkerMirroredStrategy),
 # with dvc.yaml's train flags; needs train.strategy: multi_worker in params.yaml. Worker 0
-# writes the outputs; `dvc commit train` then records them as the stage's (see README).
+# writes the outputs; `dvc commit train` then records them as the stage's (docs/team.md).
 WORKERS ?= 2
 train-multiworker: setup
 	python -m pipeline.training.multiworker --workers $(WORKERS)
@@ -96,7 +96,7 @@ yardstick: setup
 	python -m pipeline.evaluation.classifier --data data
 
 # Share the pipeline's outputs through the DVC remote (.dvc/config: a folder beside the
-# clone unless overridden; README "Scaling out"). REMOTE=name picks another remote.
+# clone unless overridden; docs/team.md). REMOTE=name picks another remote.
 #   make push               # after `make repro` + committing dvc.lock: upload what it points to
 #   make pull               # in another clone: download it; `dvc status` is then clean
 push: setup
@@ -120,7 +120,7 @@ clean:
 docs: setup
 	mkdocs build --strict --site-dir site
 
-# The generation service on 127.0.0.1:8000 (env MNIST_GAN_* for limits; see README).
+# The generation service on 127.0.0.1:8000 (env MNIST_GAN_* for limits; docs/serving.md).
 MODEL ?= models/generator.onnx
 serve: setup
 	python -m pipeline.serve --model $(MODEL)

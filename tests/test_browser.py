@@ -110,7 +110,7 @@ def ort_dist() -> Path:
     with FileLock(REPO / "node_modules.lock", timeout=600):
         if not all((ORT_DIST / name).is_file() for name in ORT_FILES):
             npm = shutil.which("npm")
-            assert npm, "npm not found: the static site needs node 20 + npm (see README)"
+            assert npm, "npm not found: the static site needs node 20 + npm (see docs/serving.md)"
             subprocess.run(
                 [npm, "ci", "--ignore-scripts", "--no-audit", "--no-fund"],
                 cwd=REPO,

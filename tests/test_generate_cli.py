@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.core.images import GRID_PAD
 from pipeline.inference.generator import Generator, make_grid
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,9 +37,23 @@ def test_png_grid(tmp_path: Path, onnx_generators: dict[str, Path]) -> None:
     assert result.returncode == 0, result.stderr
     expected = Generator(model).generate(12, seed=0, digit=7)
     grid = np.asarray(Image.open(io.BytesIO(out.read_bytes())))
-    np.testing.assert_array_equal(grid, make_grid(expected))
-    assert grid.shape == (3 * 28, 4 * 28)
+    np.testing.assert_array_equal(grid, make_grid(expected, pad=GRID_PAD))
+    # white gaps between and around the digits, as in the training and evaluation grids
+    assert grid.shape == (3 * 28 + 4 * GRID_PAD, 4 * 28 + 5 * GRID_PAD)
+    assert (grid[:GRID_PAD] == 255).all() and (
+        grid[:, 28 + GRID_PAD : 28 + 2 * GRID_PAD] == 255
+    ).all()
     assert [path.name for path in out.parent.iterdir()] == ["grid.png"]  # no temp file left
+
+    big = tmp_path / "big.png"
+    result = generate(
+        "--model", model, "--n", 12, "--seed", 0, "--digit", 7, "--scale", 3, "--out", big
+    )
+    assert result.returncode == 0, result.stderr
+    scaled = np.asarray(Image.open(big))
+    assert scaled.shape == (3 * grid.shape[0], 3 * grid.shape[1])
+    np.testing.assert_array_equal(scaled[::3, ::3], grid)  # each pixel a 3 x 3 block
+    np.testing.assert_array_equal(scaled[2::3, 1::3], grid)
 
 
 def test_npy_array_and_one_digit_per_column(tmp_path: Path, onnx_generators: dict) -> None:
@@ -51,7 +66,7 @@ def test_npy_array_and_one_digit_per_column(tmp_path: Path, onnx_generators: dic
     # Without --digit a conditional grid has 10 columns: one digit per column.
     png = tmp_path / "grid.png"
     assert generate("--model", model, "--n", 20, "--seed", 4, "--out", png).returncode == 0
-    assert Image.open(png).size == (10 * 28, 2 * 28)
+    assert Image.open(png).size == (10 * 28 + 11 * GRID_PAD, 2 * 28 + 3 * GRID_PAD)
 
 
 @pytest.mark.parametrize(
@@ -61,6 +76,7 @@ def test_npy_array_and_one_digit_per_column(tmp_path: Path, onnx_generators: dic
         (["--n", "5000"], "n: got 5000; allowed: an integer from 1 to 1024"),
         (["--n", "many"], "argument --n: invalid int value: 'many'"),
         (["--seed", "-3"], "seed: got -3; allowed: an integer >= 0"),
+        (["--scale", "9"], "scale: got 9; allowed: an integer 1..8"),
         (["--digit", "3"], "digit: got 3; allowed: none: this model is unconditional"),
         (["--out", "{tmp}/grid.jpg"], "out: got '{tmp}/grid.jpg'; allowed: a path ending in .png"),
         (["--model", "{tmp}/missing.onnx"], "model file {tmp}/missing.onnx not found"),
@@ -71,6 +87,7 @@ def test_npy_array_and_one_digit_per_column(tmp_path: Path, onnx_generators: dic
         "n-too-big",
         "n-not-int",
         "seed",
+        "scale",
         "digit-unconditional",
         "out",
         "missing",

@@ -139,6 +139,9 @@ def grid_columns(n: int, cycling: bool, num_classes: int = NUM_CLASSES) -> int:
     return min(n, num_classes) if cycling else min(n, math.ceil(math.sqrt(n)))
 
 
+GRID_PAD = 2  # white pixels between the digits of a grid make them readable
+
+
 def tile(images: np.ndarray, cols: int, pad: int = 0, fill: float = 0) -> np.ndarray:
     """[n, h, w] -> one [rows*h, cols*w] image (plus ``pad`` pixels between cells and around
     them), row by row; gaps and the empty cells of the last row get ``fill``. Keeps the

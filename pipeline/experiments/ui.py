@@ -1,9 +1,10 @@
 """``make ui``: the MLflow UI on 127.0.0.1, opened where the runs are.
 
 ``mlflow ui`` alone opens on its GenAI overview, and its Compare page needs the runs ticked
-by hand. This prints the direct links first: the training runs of this project's experiment
-(``/#/experiments/<id>/runs``) and, after ``make sweep``, the Compare page of that sweep's
-runs. Then it runs ``mlflow ui`` on the project's store (Ctrl-C stops it).
+by hand. This runs ``mlflow ui`` on the project's store and, once it answers (``/health``:
+it takes seconds to a minute to start), prints the direct links: the training runs of this
+project's experiment (``/#/experiments/<id>/runs``) and, after ``make sweep``, the Compare
+page of that sweep's runs. Ctrl-C stops it.
 
     python -m pipeline.experiments.ui [--port 5000]
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import subprocess
 import sys
 from urllib.parse import quote
 
@@ -21,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.core.params import load_params
 from pipeline.experiments.sweep import LAST_SWEEP
 from pipeline.tracking.runs import resolve_store
+from pipeline.tracking.server import ServerError, wait_healthy
 
 
 def sweep_run_ids(client: MlflowClient, experiment_id: str) -> list[str]:
@@ -54,10 +56,21 @@ def main() -> None:
     args = parser.parse_args()
     uri = resolve_store().uri
     base = f"http://127.0.0.1:{args.port}"
-    for line in links(base, uri, load_params().mlflow.experiment):
-        print(line, flush=True)
     command = ["mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1"]
-    os.execv(sys.executable, [sys.executable, "-m", *command, "--port", str(args.port)])
+    ui = subprocess.Popen([sys.executable, "-m", *command, "--port", str(args.port)])
+    try:
+        wait_healthy(ui, base, "mlflow ui")
+        for line in links(base, uri, load_params().mlflow.experiment):
+            print(line, flush=True)
+        sys.exit(ui.wait())
+    except ServerError as error:
+        sys.exit(f"error: {error}")
+    except KeyboardInterrupt:  # the terminal's Ctrl-C reached mlflow ui too
+        sys.exit(ui.wait(timeout=30))
+    finally:
+        if ui.poll() is None:
+            ui.terminate()
+            ui.wait(timeout=30)
 
 
 if __name__ == "__main__":

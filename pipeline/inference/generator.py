@@ -244,19 +244,31 @@ class Generator:
         return z.astype(np.float32, copy=False)
 
 
-def make_grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:
-    """Tile [n, 28, 28] images (float in [0, 1] or uint8) row by row into one uint8 image;
-    empty cells of the last row stay black. Default: as square as possible."""
+def make_grid(
+    images: np.ndarray, cols: int | None = None, *, pad: int = 0, scale: int = 1
+) -> np.ndarray:
+    """Tile [n, 28, 28] images (float in [0, 1] or uint8) row by row into one uint8 image,
+    each pixel ``scale`` x ``scale``. With ``pad``, white gaps between and around the digits
+    and in the last row's empty cells; without (the service's grids), those cells are black.
+    Default: as square as possible."""
     images = np.asarray(images)
     if images.ndim != 3 or images.shape[0] < 1:
         raise InputError("images", images, "an array of shape [n >= 1, height, width]")
     cols = grid_columns(len(images), cycling=False) if cols is None else cols
     if not _is_int(cols) or cols < 1:
         raise InputError("cols", cols, "an integer >= 1")
+    if not _is_int(scale) or not 1 <= scale <= MAX_SCALE:
+        raise InputError("scale", scale, f"an integer 1..{MAX_SCALE}")
     tiles = images if images.dtype == np.uint8 else to_uint8(images)
-    return tile(tiles, min(cols, len(images)))
+    grid = tile(tiles, min(cols, len(images)), pad=pad, fill=255 if pad else 0)
+    return grid.repeat(scale, axis=0).repeat(scale, axis=1)
 
 
-def encode_png(images: np.ndarray, cols: int | None = None) -> bytes:
+MAX_SCALE = 8  # screen pixels per digit pixel in a PNG grid: 224 x 224 per digit at most
+
+
+def encode_png(
+    images: np.ndarray, cols: int | None = None, *, pad: int = 0, scale: int = 1
+) -> bytes:
     """A grayscale PNG of :func:`make_grid`."""
-    return encode_gray(make_grid(images, cols))
+    return encode_gray(make_grid(images, cols, pad=pad, scale=scale))

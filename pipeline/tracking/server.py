@@ -150,17 +150,12 @@ class TrackingServer:
                 env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
             )
         (self.state / "mlflow.pid").write_text(str(self.mlflow_proc.pid))
-        deadline = time.monotonic() + HEALTH_WAIT_S
-        while time.monotonic() < deadline:
-            if self.mlflow_proc.poll() is not None:
-                raise ServerError(
-                    f"mlflow server exited ({self.mlflow_proc.returncode}); see {log_path}"
-                )
-            if healthy(self.uri):
-                return
-            time.sleep(0.5)
-        self.stop_mlflow()
-        raise ServerError(f"mlflow server not healthy after {HEALTH_WAIT_S} s; see {log_path}")
+        try:
+            wait_healthy(self.mlflow_proc, self.uri, "mlflow server")
+        except ServerError as error:
+            if self.mlflow_proc.poll() is None:
+                self.stop_mlflow()
+            raise ServerError(f"{error}; see {log_path}") from None
 
     def stop_mlflow(self) -> None:
         pid_file = self.state / "mlflow.pid"
@@ -183,6 +178,21 @@ class TrackingServer:
     def stop(self) -> None:
         self.stop_mlflow()
         self.stop_postgres()
+
+
+def wait_healthy(
+    proc: subprocess.Popen[bytes], uri: str, name: str, wait_s: float = HEALTH_WAIT_S
+) -> None:
+    """Return once ``uri/health`` answers 200; :class:`ServerError` when ``proc`` exits
+    first or ``wait_s`` passes (polled every half second: bounded in count and time)."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServerError(f"{name} exited ({proc.returncode})")
+        if healthy(uri):
+            return
+        time.sleep(0.5)
+    raise ServerError(f"{name} not healthy after {wait_s:.0f} s")
 
 
 def healthy(uri: str, timeout: float = 2.0) -> bool:

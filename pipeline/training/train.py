@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from pipeline.core.errors import UserError
 from pipeline.core.files import atomic_path, write_json
-from pipeline.core.images import cycle_labels, sample_latents, tile, to_uint8, to_unit
+from pipeline.core.images import GRID_PAD, cycle_labels, sample_latents, tile, to_uint8, to_unit
 from pipeline.core.params import Params, TrainParams
 from pipeline.core.png import encode_gray
 from pipeline.data.mnist import load_split
@@ -51,7 +51,6 @@ from pipeline.training.gan import GAN, METRICS
 log = logging.getLogger(__name__)
 
 HISTORY_COLUMNS = ("epoch", "step", *METRICS, "epoch_seconds", "images_per_s")
-GRID_PAD = 2  # white gaps between the digits of a sample grid make them readable
 RAW_SAMPLES = "raw"  # with train.ema_decay > 0: the raw generator's grids, in this subfolder
 
 
