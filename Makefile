@@ -127,7 +127,7 @@ serve: setup
 
 # The digits page as a static site that runs the model in the browser (onnxruntime-web,
 # WebAssembly): the page, $(MODEL), its metadata and the runtime, for any static host.
-#   make web [MODEL=path/to/generator.onnx] [WEB=folder]; then python -m http.server -d web
+#   make web [MODEL=path/to/generator.onnx] [WEB=folder]; then python -m http.server --bind 127.0.0.1 -d web 8080
 WEB ?= web
 ORT_WEB := node_modules/onnxruntime-web/dist/ort.wasm.min.mjs
 web: setup $(ORT_WEB)

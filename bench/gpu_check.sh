@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, one shot, under 5 minutes: the default and dcgan presets' training with XLA
 # and mixed precision each on and off, beside the plain per-batch loop, as one Markdown table
-# (images/s, seconds per 60k-image epoch, peak GPU memory) for the README's Benchmarks.
+# (images/s, seconds per 60k-image epoch, peak GPU memory) for docs/benchmarks.md.
 # Installs nothing: run it where `make repro` or `make test` set up .venv.
 #   bash bench/gpu_check.sh [data dir, default: data, else ../shared/mnist]
 set -euo pipefail

@@ -233,7 +233,7 @@ def measure(args: argparse.Namespace, log: Path, use_wrk: bool) -> dict:
 
 
 def table(report: dict) -> str:
-    """The README's Markdown table."""
+    """The Markdown table of docs/benchmarks.md."""
     lines = [
         "| server | target | served req/s | × healthz | images/s | refused | p50 ms | p99 ms |",
         "|---|---|---:|---:|---:|---:|---:|---:|",

@@ -4,7 +4,7 @@
 #   2. a base image made locally with debootstrap (no registry needed), as BASE_IMAGE,
 #   3. the model: models/generator.onnx, else an untrained smoke-preset generator exported
 #      by the pipeline's own code (the image's plumbing is what is checked, not the digits),
-#   4. docker build --target serve (the README's command, no BuildKit needed), docker run,
+#   4. docker build --target serve (docs/serving.md's command, no BuildKit needed), docker run,
 #      GET /readyz and /generate, docker stop; the image's size must stay under MAX_MB.
 # Env: BASE_IMAGE (skip debootstrap), IMAGE (tag), PORT (host port on 127.0.0.1), MAX_MB.
 # Needs root (apt-get, dockerd, debootstrap).

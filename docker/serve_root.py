@@ -5,7 +5,7 @@ and nothing else (no shell, no package manager, no coreutils).
 
     python3 docker/serve_root.py VENV ROOT
 
-Measured on the debootstrap bookworm base (README, Docker): the base image is 124 MB; this
+Measured on the debootstrap bookworm base (docs/serving.md, Docker): the base image is 124 MB; this
 root is ~24 MB without the venv (interpreter 7, stdlib zip 4, lib-dynload 2, shared
 libraries 11) and the venv ~118 MB (192 MB untrimmed). The venv is trimmed in place first:
   - onnxruntime's C-API library capi/libonnxruntime.so.* (35 MB): the Python module is its

@@ -380,3 +380,31 @@ def test_static_site_of_an_unconditional_model(
     np.testing.assert_allclose(
         floats(page, "grid", GRID_N), generator.generate(GRID_N, seed=3), atol=1e-4
     )
+
+
+# --------------------------------------------------------------------------- /docs
+
+
+def test_the_api_docs_render_offline(service: str, browser: Any) -> None:
+    """/docs is Swagger UI served by the service itself (fastapi-offline), not from a CDN:
+    with every other host unreachable, it still lists the routes."""
+    context = browser.new_context()
+    outside: list[str] = []
+
+    def only_loopback(route: Any) -> None:
+        if route.request.url.startswith(service):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", only_loopback)
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(f"{service}docs")
+    page.wait_for_selector(".swagger-ui .opblock-summary-path")
+    paths = page.locator(".swagger-ui .opblock-summary-path").all_inner_texts()
+    assert "/generate" in paths
+    assert "MNIST GAN generator" in page.locator(".swagger-ui .info .title").inner_text()
+    assert outside == []
+    context.close()

@@ -387,7 +387,7 @@ def test_sigterm_shuts_down_gracefully(onnx_generators: dict[str, Path]) -> None
 
 def test_server_process_freezes_what_startup_built(onnx_generators: dict[str, Path]) -> None:
     """app_from_env (what each uvicorn worker runs) leaves startup's objects out of the
-    garbage collector's scans: shorter pauses under load (README, HTTP service)."""
+    garbage collector's scans: shorter pauses under load (docs/serving.md, HTTP service)."""
     code = (
         "import gc\n"
         "from pipeline.serve.app import app_from_env\n"

@@ -1,4 +1,4 @@
-"""Screenshots of the digits page in both modes, for the README.
+"""Screenshots of the digits page in both modes, for docs/serving.md.
 
 Runs what a user runs, on loopback: ``python -m pipeline.serve`` (API mode) and ``python -m
 pipeline.serve.page`` + ``python -m http.server`` (static mode), then Debian's headless chromium

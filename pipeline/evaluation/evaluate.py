@@ -27,7 +27,7 @@ from pipeline.core.images import NUM_CLASSES, cycle_labels
 from pipeline.core.params import EvalParams, flatten
 from pipeline.evaluation import plots, yardstick
 from pipeline.evaluation.metrics import class_shares, compare
-from pipeline.inference.generator import Generator
+from pipeline.inference.generator import TRAINED_ON, Generator
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,10 @@ def measure(
     )
     # Which classifier measured these numbers: FIDs under another hash are not comparable.
     metrics["yardstick"] = yardstick.label(measuring.sha256)
+    # Where the generator was trained (float32 and bfloat16 runs differ; the export copied
+    # it from the training's run file): "unknown" for models exported before it was.
+    for key in TRAINED_ON:
+        metrics[key] = generator.metadata.get(key, "unknown")
     return metrics, samples, predicted, reference.test.probs.argmax(axis=1)
 
 
@@ -119,7 +123,7 @@ def evaluate(paths: Paths, params: EvalParams, threads: int = 0) -> dict[str, An
     figures = _draw(samples, predicted, generated_shares, real_shares, metrics, paths)
     write_json(paths.metrics, metrics)
 
-    numbers = {key: value for key, value in metrics.items() if key != "yardstick"}
+    numbers = {key: value for key, value in metrics.items() if not isinstance(value, str)}
     measured_with = yardstick.SHA256  # verified by Yardstick before anything was measured
     with open_run(paths.run_file):
         mlflow.set_tag("yardstick", measured_with)

@@ -42,6 +42,8 @@ from pipeline.core.png import encode_gray
 
 # What inference needs; the provenance keys (preset, mlflow_run_id, ...) are informational.
 REQUIRED_METADATA = ("latent_dim", "noise", "num_classes")
+# Where the weights were trained: the compute dtype and the CPU's ISA class (pipeline.core.cpu)
+TRAINED_ON = ("compute_dtype", "cpu_isa")
 
 
 class ModelError(RuntimeError):

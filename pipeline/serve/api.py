@@ -130,7 +130,7 @@ def parse_query(model: type[BaseModel], request: Request) -> Any:
     """``model`` from the query string, with FastAPI's 422 on bad input (same ``loc``).
 
     Validating with pydantic directly instead of FastAPI's query-model dependency saves
-    most of the per-request framework time on small requests (measured: see the README's
+    most of the per-request framework time on small requests (measured: see docs/benchmarks.md,
     HTTP service benchmark); the model and its errors are the same."""
     try:
         return model.model_validate(dict(request.query_params))  # repeated key: the last

@@ -36,6 +36,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 
 from pipeline.core.images import NUM_CLASSES
 from pipeline.serve.api import (
@@ -85,7 +86,10 @@ def create_app(settings: Settings) -> FastAPI:
         yield
         log.info("shutdown complete")
 
-    app = FastAPI(
+    # FastAPI's /docs loads Swagger UI from a CDN (a blank page offline): this one serves
+    # it from the fastapi-offline package (/static-offline-docs/); no /redoc.
+    app = FastAPIOffline(
+        redoc_url=None,
         title="MNIST GAN generator",
         version="0.1.0",
         description="Draws MNIST digits from an exported GAN generator (onnxruntime).",

@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(error))
     size = sum(path.stat().st_size for path in written) / 1e6
     print(f"wrote {len(written)} files ({size:.1f} MB) to {args.out}/")
-    print(f"serve it with any static host, e.g.: python -m http.server -d {args.out} 8080")
+    host = f"python -m http.server --bind 127.0.0.1 -d {args.out} 8080"
+    print(f"serve it with any static host, e.g.: {host}")
 
 
 if __name__ == "__main__":

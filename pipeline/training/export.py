@@ -30,7 +30,7 @@ from pipeline.core.errors import UserError
 from pipeline.core.files import atomic_path, write_json
 from pipeline.core.images import NUM_CLASSES, SHAPE, SIDE, cycle_labels, to_unit
 from pipeline.core.params import ModelParams, Params
-from pipeline.inference.generator import Generator, ModelError
+from pipeline.inference.generator import TRAINED_ON, Generator, ModelError
 from pipeline.tracking.runs import open_run, source_tags
 from pipeline.training.models import build_generator, dtype_policy
 
@@ -73,7 +73,12 @@ def to_onnx(generator: keras.Model, model: ModelParams, opset: int) -> onnx.Mode
     return onnx_model
 
 
-def metadata(params: Params, run_id: str) -> dict[str, str]:
+def metadata(
+    params: Params, run_id: str, trained_on: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The model's metadata_props: its contract (pipeline.inference.generator) and where it
+    came from; ``trained_on``: the run file's compute_dtype and cpu_isa."""
+    trained_on = trained_on or {}
     return {
         "latent_dim": str(params.model.latent_dim),
         "noise": params.model.noise,
@@ -83,6 +88,7 @@ def metadata(params: Params, run_id: str) -> dict[str, str]:
         # Which model/loss/train settings produced the weights (Params.digest).
         "params_hash": params.digest("model", "loss", "train"),
         "export_date": datetime.now(UTC).isoformat(timespec="seconds"),
+        **{key: trained_on.get(key, "unknown") for key in TRAINED_ON},
     }
 
 
@@ -123,10 +129,16 @@ def check_export(path: Path, generator: keras.Model, params: Params) -> dict[str
     }
 
 
-def export_model(generator: keras.Model, params: Params, out: Path, run_id: str = "") -> dict:
+def export_model(
+    generator: keras.Model,
+    params: Params,
+    out: Path,
+    run_id: str = "",
+    trained_on: dict[str, str] | None = None,
+) -> dict:
     """Convert, check and atomically write ``out``; returns the check results."""
     onnx_model = to_onnx(generator, params.model, params.export.opset)
-    onnx.helper.set_model_props(onnx_model, metadata(params, run_id))
+    onnx.helper.set_model_props(onnx_model, metadata(params, run_id, trained_on))
     with atomic_path(out) as temp:  # only a model that passed every check lands at `out`
         onnx.save(onnx_model, temp)
         report = check_export(temp, generator, params)
@@ -187,8 +199,9 @@ def export_generator(
 ) -> dict[str, Any]:
     """The export stage: models/generator.keras -> checked models/generator.onnx, the check
     results in ``report_path`` (DVC metrics), and the model in the training's MLflow run."""
-    run_id = json.loads(run_file.read_text())["run_id"]
-    report = export_model(float32_generator(keras_path, params.model), params, out, run_id)
+    run = json.loads(run_file.read_text())
+    generator = float32_generator(keras_path, params.model)
+    report = export_model(generator, params, out, run["run_id"], run)
     log_to_mlflow(out, run_file, params.export.registered_model, report)
     write_json(report_path, report)
     return report

@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
+from pipeline.core.cpu import isa_class
 from pipeline.core.errors import UserError
 from pipeline.core.files import atomic_path, write_json
 from pipeline.core.images import GRID_PAD, cycle_labels, sample_latents, tile, to_uint8, to_unit
@@ -147,9 +148,14 @@ def _train(
     iterator = input_batches(params, strategy, images, labels, start)
 
     run_name = os.environ.get("DVC_EXP_NAME") or f"{params.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    # compute_dtype: what train.mixed_precision came to on this machine (distribute.py)
-    compute_dtype = keras.mixed_precision.global_policy().compute_dtype
-    tags = {**runs.provenance_tags(), "preset": params.preset, "compute_dtype": compute_dtype}
+    # Where the numbers came from: what train.mixed_precision came to on this machine
+    # (distribute.py) and the CPU's ISA class; recorded in the run, train.json, the run file
+    # (export copies them into the ONNX model, evaluate into metrics.json).
+    machine = {
+        "compute_dtype": keras.mixed_precision.global_policy().compute_dtype,
+        "cpu_isa": isa_class(),
+    }
+    tags = {**runs.provenance_tags(), "preset": params.preset, **machine}
     with (
         runs.start_run(store, params.mlflow.experiment, run_name, tags, run_id) as run,
         RunLogger(run, store.uri) as logger,  # per-epoch logging that outlives a server restart
@@ -194,7 +200,7 @@ def _train(
             if stop:
                 mlflow.end_run("KILLED")
                 raise TrainingInterruptedError(stop[0], s)
-        return _write_outputs(gan, rows, logger, samples_dir, out, store)
+        return _write_outputs(gan, rows, logger, samples_dir, out, store, machine)
 
 
 def _save_grid(images: np.ndarray, output: str, path: Path) -> None:
@@ -230,6 +236,7 @@ def _write_outputs(
     samples_dir: Path,
     out: Outputs,
     store: runs.Store,
+    machine: dict[str, str],
 ) -> dict[str, Any]:
     """Models, history, metrics and sample grids where DVC and MLflow expect them."""
     _save_model(gan.shipped, out.generator)  # the EMA weights when train.ema_decay > 0
@@ -241,15 +248,16 @@ def _write_outputs(
     shutil.rmtree(out.samples, ignore_errors=True)
     shutil.copytree(samples_dir, out.samples)
     last = rows[-1]
-    metrics = {key: last[key] for key in METRICS}
+    metrics: dict[str, Any] = {key: last[key] for key in METRICS}
     metrics.update(
         epochs=last["epoch"],
         steps=last["step"],
         images_per_s=float(np.median([row["images_per_s"] for row in rows])),
         train_seconds=float(sum(row["epoch_seconds"] for row in rows)),
+        **machine,
     )
     write_json(out.metrics, metrics)
     logger.log_artifact(out.history)
     logger.log_artifact(out.metrics)
-    write_json(out.run_file, runs.run_info(logger.run, store))
+    write_json(out.run_file, {**runs.run_info(logger.run, store), **machine})
     return metrics
