@@ -79,15 +79,18 @@ def smoke_params(raw_params: dict[str, Any]) -> Params:
     return parse_params(apply_overrides(raw_params, load_preset("smoke")))
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _training_thread_pools(smoke_params: Params) -> None:
+def pytest_configure(config: pytest.Config) -> None:
     """Fix TensorFlow's thread pools at the plan of the tests' in-process trainings before
-    any test starts TensorFlow: a stage's fresh process uses that plan too, so references
-    trained here match it, and ``train`` refuses where a test left other pools."""
+    any test module is even imported (one may start TensorFlow at import): a stage's fresh
+    process uses that plan too, so references trained here match it, and ``train`` refuses
+    where the pools differ. Not in xdist's controller, which runs no test."""
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        return
     from pipeline.core.cpu import cores
     from pipeline.training.distribute import set_thread_pools
 
-    set_thread_pools(smoke_params.train, cores())
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    set_thread_pools(parse_params(apply_overrides(raw, load_preset("smoke"))).train, cores())
 
 
 @pytest.fixture
