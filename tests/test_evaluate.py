@@ -19,6 +19,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from pipeline.core.cpu import isa_class
 from pipeline.core.params import Params, flatten
 from pipeline.evaluation import yardstick
 from pipeline.evaluation.evaluate import Paths, generate_samples, measure
@@ -124,8 +125,12 @@ def test_smoke_pipeline_reports_every_metric_into_the_training_run(
     repo_copy, env, uri = smoke_pipeline.repo, smoke_pipeline.env, smoke_pipeline.tracking_uri
     reports = repo_copy / "reports"
     metrics = json.loads((reports / "metrics.json").read_text())
-    assert set(metrics) == KEYS | {"conditional_accuracy", "real", "yardstick"}  # conditional
+    trained_on = {"compute_dtype", "cpu_isa"}  # copied from the model: the training's machine
+    assert set(metrics) == KEYS | {"conditional_accuracy", "real", "yardstick"} | trained_on
     assert metrics["yardstick"] == yardstick.SHA256[:12]
+    train = json.loads((repo_copy / "reports" / "train.json").read_text())
+    assert {key: metrics[key] for key in trained_on} == {key: train[key] for key in trained_on}
+    assert metrics["cpu_isa"] == isa_class() and metrics["compute_dtype"] in {"float32", "bfloat16"}
     assert set(metrics["real"]) == KEYS
     assert 1 <= metrics["classifier_score"] <= 10
     assert 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
@@ -153,7 +158,7 @@ def test_smoke_pipeline_reports_every_metric_into_the_training_run(
     run = client.get_run(run_id)
     assert run.data.tags["yardstick"] == yardstick.SHA256
     for key, value in flatten(metrics).items():
-        if key != "yardstick":
+        if not isinstance(value, str):
             assert run.data.metrics[key] == pytest.approx(value), key
     artifacts = {a.path for a in client.list_artifacts(run_id, "plots")}
     assert artifacts == {f"plots/{name}" for name in PLOTS}
@@ -199,6 +204,7 @@ def test_smoke_pipeline_reports_every_metric_into_the_training_run(
     assert "train:" not in status and "export:" not in status
 
     # Editing the downloader (a retry, a log line) changes no stage that does not run it.
-    status = status_after(repo_copy / "pipeline" / "download.py", lambda text: text + "\n# edit\n")
+    edited = repo_copy / "pipeline" / "data" / "download.py"
+    status = status_after(edited, lambda text: text + "\n# edit\n")
     assert "download:" in status
     assert "train:" not in status and "export:" not in status

@@ -35,6 +35,8 @@ METADATA_KEYS = {
     "mlflow_run_id",
     "params_hash",
     "export_date",
+    "compute_dtype",
+    "cpu_isa",
 }
 
 
@@ -80,6 +82,8 @@ def test_onnx_contract(name: str, onnx_generators: dict[str, Path], smoke_params
     assert metadata["mlflow_run_id"] == "test-run"
     assert metadata["params_hash"] == params.digest("model", "loss", "train")
     assert metadata["export_date"].startswith("20")
+    # where it was trained: from the run file; a model exported without one says so
+    assert metadata["compute_dtype"] == metadata["cpu_isa"] == "unknown"
 
 
 def test_no_elementwise_op_over_a_trailing_dimension_of_one(

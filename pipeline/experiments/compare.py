@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 # The numbers a comparison starts from (metric files: reports/metrics.json, train.json).
-HEADLINE = ("fid", "yardstick", "recall", "precision", "train_seconds", "compute_dtype")
+HEADLINE = ("fid", "yardstick", "recall", "precision", "train_seconds")
 # Columns of `--width` kept free beyond the headline: one more metric fits without retuning.
 SPARE = 10
 NAME_WIDTH = 28

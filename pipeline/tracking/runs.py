@@ -95,13 +95,12 @@ def start_run(
 ) -> Iterator[mlflow.ActiveRun]:
     """A new run in ``experiment`` (or run ``run_id`` again, when a training resumes)."""
     uri = store.uri
-    mlflow.set_tracking_uri(uri)  # MLflow's fluent API (start_run, log_*) reads its own
     if run_id is not None and _run_exists(uri, run_id):
         arguments: dict[str, Any] = {"run_id": run_id}
     else:
         arguments = {"experiment_id": experiment_id(experiment, store), "run_name": run_name}
         arguments["tags"] = tags
-    with mlflow.start_run(**arguments) as run:
+    with fluent_uri(uri), mlflow.start_run(**arguments) as run:
         try:
             yield run
         except run_logger.ServerGoneError:
@@ -109,6 +108,21 @@ def start_run(
                 "FAILED"
             )  # the server is gone: MLflow's own retries take minutes
             raise
+
+
+@contextlib.contextmanager
+def fluent_uri(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (start_run, log_*) reads a process-wide URI, and setting it also
+    sets ``$MLFLOW_TRACKING_URI`` (for MLflow's child processes): ``uri`` for the block, both
+    as they were afterwards, so a run in a notebook or a test leaks no store."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)  # type: ignore[arg-type]  # None: its default again
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 def _run_exists(uri: str, run_id: str) -> bool:
@@ -143,8 +157,7 @@ def open_run(run_file: Path) -> Iterator[mlflow.ActiveRun]:
             f"{run_file}: MLflow run {info['run_id']} is not in {uri}; "
             "retrain to log a new run (dvc repro --force train)"
         )
-    mlflow.set_tracking_uri(uri)  # MLflow's fluent API reads its own
-    with mlflow.start_run(run_id=info["run_id"]) as run:
+    with fluent_uri(uri), mlflow.start_run(run_id=info["run_id"]) as run:
         yield run
 
 
