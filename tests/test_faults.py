@@ -3,14 +3,20 @@ lost, and each says so in one line."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
+from pipeline.core.files import DiskFullError
 from pipeline.core.params import Params
 from pipeline.tracking.runs import Store
 from pipeline.training.train import train
@@ -94,3 +100,82 @@ def test_torn_checkpoint_is_named_and_skipped(
         assert "checkpoint is unreadable: rewriting it" in caplog.text
     _assert_same(_weights(out.generator), reference)
     assert sorted(p.name for p in ckpts.glob("ckpt-*.index")) == ["ckpt-16.index", "ckpt-24.index"]
+
+
+@contextlib.contextmanager
+def _small_disk(where: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of ``size`` mounted at ``where`` (root only; skips saying why if not)."""
+    where.mkdir(parents=True)
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command here: the full-disk tests need a real small filesystem")
+    command = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)]
+    mounted = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs ({mounted.stderr.strip()}): needs root")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True, timeout=30)
+
+
+def _fill(disk: Path, leave: int) -> Path:
+    """A ballast file taking all but ``leave`` bytes of ``disk``."""
+    ballast = disk / "ballast"
+    with ballast.open("wb") as handle:
+        handle.write(b"\1" * (shutil.disk_usage(disk).free - leave))
+    return ballast
+
+
+def test_full_disk_while_checkpointing_then_resume(
+    smoke_params: Params, mnist_dir: Path, tmp_path: Path, mlflow_store: str, caplog: Any
+) -> None:
+    """The disk fills while ckpt-16 is written: one line names it and the space left, none
+    of its files stay, and once space is freed the rerun resumes from ckpt-8 and ends on the
+    uninterrupted run's weights. Only the outputs are on the small disk."""
+    params = _params(smoke_params, epochs=3, checkpoint_every=1)
+    store = Store(mlflow_store, tmp_path)
+    reference = train_outputs(tmp_path / "reference")
+    train(params, mnist_dir, reference, store)
+
+    with _small_disk(tmp_path / "disk", "4m") as disk:
+        out, ckpts = train_outputs(disk), disk / "models" / "checkpoints"
+        ballast = _fill(disk, leave=1100 * 1024)  # ckpt-8 fits (~0.7 MB), ckpt-16 does not
+        with pytest.raises(DiskFullError) as full:
+            train(params, mnist_dir, out, store)
+        message = str(full.value)
+        assert "\n" not in message and " free of 4.0 MiB" in message
+        assert message.startswith(f"no space left on device writing {ckpts / 'ckpt-16'} (")
+        assert not list(ckpts.glob("ckpt-16*"))  # nothing half-written to trust
+        assert tf.train.latest_checkpoint(ckpts) == str(ckpts / "ckpt-8")
+        assert not out.generator.exists()
+
+        ballast.unlink()
+        caplog.set_level(logging.INFO, logger="pipeline.training.checkpoints")
+        train(params, mnist_dir, out, store)
+        assert f"resuming from {ckpts / 'ckpt-8'}" in caplog.text
+        assert "is torn" not in caplog.text
+        _assert_same(_weights(out.generator), _weights(reference.generator))
+
+
+def test_full_disk_while_exporting_leaves_no_onnx(smoke_params: Params, tmp_path: Path) -> None:
+    """The ONNX file does not fit: one line names it and the space left, and neither it nor
+    its temp file stays; with space freed the same export succeeds."""
+    from pipeline.inference.generator import Generator
+    from pipeline.training.export import export_model
+    from pipeline.training.models import build_generator
+
+    keras.utils.set_random_seed(0)
+    generator = build_generator(smoke_params.model)
+    with _small_disk(tmp_path / "disk", "256k") as disk:
+        onnx_path = disk / "models" / "generator.onnx"
+        ballast = _fill(disk, leave=16 * 1024)
+        with pytest.raises(DiskFullError) as full:
+            export_model(generator, smoke_params, onnx_path, run_id="test-run")
+        message = str(full.value)
+        assert "\n" not in message
+        assert message.startswith(f"no space left on device writing {onnx_path} (")
+        assert list(onnx_path.parent.iterdir()) == []  # no generator.onnx, no .partial- file
+
+        ballast.unlink()
+        export_model(generator, smoke_params, onnx_path, run_id="test-run")
+        assert Generator(onnx_path).generate(2, seed=0).shape[0] == 2

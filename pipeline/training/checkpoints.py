@@ -22,7 +22,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from pipeline.core.files import write_json
+from pipeline.core.files import DiskFullError, disk_space, write_json
 from pipeline.core.params import Params
 from pipeline.training.gan import GAN
 
@@ -194,6 +194,19 @@ def _unreadable(prefix: str) -> str | None:
         lines = str(error).strip().splitlines() or [type(error).__name__]
         return lines[0][:200]
     return None
+
+
+def save_checkpoint(manager: tf.train.CheckpointManager, directory: Path, step: int) -> None:
+    """Save ``ckpt-<step>``; on a full disk, remove what TF half-wrote and say so in one line
+    (DiskFullError). The ``checkpoint`` list still names the last whole one, which the rerun
+    resumes from once there is space."""
+    try:
+        with disk_space(directory / f"ckpt-{step}"):
+            manager.save(checkpoint_number=step)
+    except DiskFullError:
+        for path in directory.glob(f"ckpt-{step}[._]*"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        raise
 
 
 @contextlib.contextmanager
