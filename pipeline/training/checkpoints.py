@@ -18,10 +18,11 @@ import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import tensorflow as tf
 
-from pipeline.core.files import write_json
+from pipeline.core.files import DiskFullError, disk_space, write_json
 from pipeline.core.params import Params
 from pipeline.training.gan import GAN
 
@@ -108,10 +109,12 @@ def write_stamp(directory: Path, digest: str, run_id: str | None) -> None:
 def open_checkpoints(
     checkpoint: tf.train.Checkpoint, directory: Path, digest: str
 ) -> tuple[tf.train.CheckpointManager, str | None]:
-    """Restore the latest checkpoint if it came from these params and code, else start
-    fresh. Returns the manager and the MLflow run id to continue (None: a new run)."""
+    """Restore the newest whole checkpoint if it came from these params and code, else start
+    fresh. Returns the manager and the MLflow run id to continue (None: a new run). A torn
+    checkpoint (files cut short or zeroed by a power loss) is named in a warning, removed,
+    and the one before it is used: never resume from garbage."""
     stamp = directory / "params.json"
-    saved = json.loads(stamp.read_text()) if stamp.is_file() else {}
+    saved = _read_stamp(stamp)
     if directory.exists() and saved.get("digest") != digest:
         log.warning(
             "checkpoints in %s are from other params or code (digest %s, now %s): starting fresh",
@@ -122,6 +125,7 @@ def open_checkpoints(
         shutil.rmtree(directory)
         saved = {}
     directory.mkdir(parents=True, exist_ok=True)
+    _drop_torn(directory)
     manager = tf.train.CheckpointManager(checkpoint, str(directory), max_to_keep=2)
     if manager.latest_checkpoint is None:
         write_stamp(directory, digest, None)
@@ -129,6 +133,80 @@ def open_checkpoints(
     checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
     log.info("resuming from %s", manager.latest_checkpoint)
     return manager, saved.get("run_id")
+
+
+def _read_stamp(stamp: Path) -> dict[str, Any]:
+    """params.json, or {} when absent or unreadable (then the checkpoints start fresh)."""
+    try:
+        return dict(json.loads(stamp.read_text())) if stamp.is_file() else {}
+    except (ValueError, UnicodeDecodeError):
+        return {}
+
+
+def _drop_torn(directory: Path) -> None:
+    """Check every checkpoint on disk, newest first, and remove the torn ones; then rewrite
+    the manager's ``checkpoint`` file from what is left. The files on disk are the truth:
+    that text file may itself be zeroed or cut (TF then lists nothing, or fails)."""
+    state_file = directory / "checkpoint"
+    numbers = sorted(
+        (int(p.name[5:-6]) for p in directory.glob("ckpt-*.index") if p.name[5:-6].isdigit()),
+        reverse=True,
+    )
+    problems = {n: _unreadable(str(directory / f"ckpt-{n}")) for n in numbers}
+    whole = [str(directory / f"ckpt-{n}") for n in numbers if problems[n] is None]
+    for number, problem in problems.items():
+        if problem is None:
+            continue
+        older = [f"ckpt-{n}" for n in numbers if n < number and problems[n] is None]
+        log.warning(
+            "checkpoint %s is torn (%s): removing it; %s",
+            directory / f"ckpt-{number}",
+            problem,
+            f"resuming from {older[0]}" if older else "no whole one before it: starting fresh",
+        )
+        for path in directory.glob(f"ckpt-{number}.*"):
+            path.unlink()
+    try:
+        state = tf.train.get_checkpoint_state(str(directory))
+        listed = None if state is None else list(state.all_model_checkpoint_paths)
+    except ValueError:  # an empty or garbled file
+        listed = None
+    kept = whole[::-1]  # oldest first, as the manager lists them
+    if listed is None and kept:
+        log.warning("%s is unreadable: rewriting it from the checkpoints on disk", state_file)
+    if [str(directory / Path(p).name) for p in listed or []] != kept:
+        if kept:
+            tf.compat.v1.train.update_checkpoint_state(
+                str(directory), kept[-1], all_model_checkpoint_paths=kept
+            )
+        else:
+            state_file.unlink(missing_ok=True)
+
+
+def _unreadable(prefix: str) -> str | None:
+    """Why the checkpoint at ``prefix`` cannot be read back whole, or None. Reads every
+    tensor: TF checks each one's CRC32C, so zeroed or cut bytes show up here."""
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+        for key in reader.get_variable_to_shape_map():
+            reader.get_tensor(key)
+    except (tf.errors.OpError, ValueError, IndexError, OSError) as error:
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        return lines[0][:200]
+    return None
+
+
+def save_checkpoint(manager: tf.train.CheckpointManager, directory: Path, step: int) -> None:
+    """Save ``ckpt-<step>``; on a full disk, remove what TF half-wrote and say so in one line
+    (DiskFullError). The ``checkpoint`` list still names the last whole one, which the rerun
+    resumes from once there is space."""
+    try:
+        with disk_space(directory / f"ckpt-{step}"):
+            manager.save(checkpoint_number=step)
+    except DiskFullError:
+        for path in directory.glob(f"ckpt-{step}[._]*"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        raise
 
 
 @contextlib.contextmanager

@@ -43,6 +43,7 @@ from pipeline.training.checkpoints import (
     checkpoint_digest,
     new_checkpoint,
     open_checkpoints,
+    save_checkpoint,
     stop_signals,
     write_stamp,
 )
@@ -196,7 +197,7 @@ def _train(
                     raw = samples_dir / RAW_SAMPLES / grid.name
                     _save_grid(gan.sample(fixed_z, fixed_labels, raw=True), model_p.output, raw)
             if s % checkpoint_every == 0 or s == total or stop:
-                manager.save(checkpoint_number=s)
+                save_checkpoint(manager, ckpt_dir, s)
             if stop:
                 mlflow.end_run("KILLED")
                 raise TrainingInterruptedError(stop[0], s)
