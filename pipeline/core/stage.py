@@ -101,7 +101,7 @@ def quiet_tensorflow_startup() -> None:
     """Hide TensorFlow's INFO logs and its known start-up noise, keep its warnings and
     errors: this process's stderr (fd 2, where TensorFlow's C++ code writes) goes through a
     small filter process. A terminal stays a terminal (a pty), so progress bars still draw."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow reads it when it loads
     noise = STARTUP_NOISE + (() if list(Path("/dev").glob("nvidia[0-9]*")) else NO_GPU_NOISE)
     sys.stderr.flush()
     if os.isatty(2):
