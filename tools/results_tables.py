@@ -37,6 +37,7 @@ from pipeline.experiments.presets import load_preset, preset_names
 from pipeline.tracking.runs import resolve_store
 
 PER_MACHINE = "per-machine"  # runs measured before the yardstick was pinned
+UNKNOWN = "not recorded"  # runs from before training recorded its dtype and ISA class
 
 PICTURES = {"samples": "plots/samples.png", "curves": "plots/training_curves.png"}
 # (metric, label, format): the evaluate stage's figures, each beside the real-data floor.
@@ -62,6 +63,7 @@ class Run:
     train: dict[str, Any]  # reports/train.json
     pictures: dict[str, Path]
     yardstick: str  # the short hash of the classifier that measured it, or PER_MACHINE
+    trained_on: str = UNKNOWN  # "bfloat16 on amx": the run's compute_dtype and cpu_isa tags
 
     @property
     def length(self) -> str:
@@ -106,7 +108,15 @@ def load_run(client: MlflowClient, name: str, scratch: Path) -> Run:
         yardstick=label(run.data.tags["yardstick"])
         if "yardstick" in run.data.tags
         else PER_MACHINE,
+        trained_on=trained_on(run.data.tags),
     )
+
+
+def trained_on(tags: dict[str, str]) -> str:
+    """Where a run computed: "bfloat16 on amx", "float32 on avx2" (pipeline.core.cpu)."""
+    if "cpu_isa" not in tags:
+        return UNKNOWN
+    return f"{tags.get('compute_dtype', '?')} on {tags['cpu_isa']}"
 
 
 def changed_params(preset: str, logged: dict[str, str]) -> list[str]:
@@ -129,22 +139,23 @@ def glance_table(runs: list[Run]) -> list[str]:
     """One row per run, its yardstick beside its FID; one floor row per yardstick, and a note
     under the table when the FIDs in one column come from different yardsticks."""
     lines = [
-        "| preset | length | train time | FID ↓ | yardstick | classifier score ↑ | precision ↑ "
-        "| recall ↑ | rarest digit ↑ |",
-        "|---|---|---:|---:|---|---:|---:|---:|---:|",
+        "| preset | length | train time | trained on | FID ↓ | yardstick | classifier score ↑ "
+        "| precision ↑ | recall ↑ | rarest digit ↑ |",
+        "|---|---|---:|---|---:|---|---:|---:|---:|---:|",
     ]
     for run in runs:
         name = f"[`{run.label}`](#{run.label})"
         m = run.metrics
         lines.append(
-            f"| {name} | {run.length} | {run.minutes} | {m['fid']:.1f} | `{run.yardstick}` | "
+            f"| {name} | {run.length} | {run.minutes} | {run.trained_on} | {m['fid']:.1f} "
+            f"| `{run.yardstick}` | "
             f"{m['classifier_score']:.2f} | {m['precision']:.2f} | {m['recall']:.2f} | "
             f"{m['min_class_share']:.3f} |"
         )
     floors = {run.yardstick: run.metrics for run in reversed(runs)}  # the first run's wins
     for yardstick, m in floors.items():
         lines.append(
-            f"| real data (floor) | | | {m['real.fid']:.2f} | `{yardstick}` | "
+            f"| real data (floor) | | | | {m['real.fid']:.2f} | `{yardstick}` | "
             f"{m['real.classifier_score']:.2f} | {m['real.precision']:.2f} | "
             f"{m['real.recall']:.2f} | {m['real.min_class_share']:.3f} |"
         )
@@ -155,6 +166,14 @@ def glance_table(runs: list[Run]) -> list[str]:
             + ", ".join(f"`{y}`" for y in floors)
             + ") are not comparable across them; compare each row with its own yardstick's "
             f"floor. `{PER_MACHINE}`: a classifier trained on the machine of that run.",
+        ]
+    machines = sorted({run.trained_on for run in runs})
+    if len(machines) > 1:
+        lines += [
+            "",
+            f"**Mixed machines:** these runs trained on {', '.join(machines)}: one recipe's "
+            "numbers move a little between dtypes and CPUs (docs/results.md, float32 and "
+            "bfloat16 machines).",
         ]
     return lines
 
@@ -167,7 +186,8 @@ def section(run: Run, hardware: str) -> list[str]:
         "",
         f"Reproduce: `{run.command}`  ",
         f"Run `{run.name}` (MLflow `{run.run_id[:8]}`): {t['steps']:,} steps ({epochs} epochs) "
-        f"in {run.minutes} on {hardware}; measured under yardstick `{run.yardstick}`.  ",
+        f"in {run.minutes} on {hardware} ({run.trained_on}); measured under yardstick "
+        f"`{run.yardstick}`.  ",
         f"Final epoch: D loss {m['d_loss']:.3f}, G loss {m['g_loss']:.3f}, "
         f"D(x) {m['d_real']:.2f}, D(G(z)) {m['d_fake']:.2f}.",
         "",
