@@ -11,7 +11,7 @@ export UV_PROJECT_ENVIRONMENT := $(VENV)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 PRESET ?= default
 
-.PHONY: setup repro test lint exp compare sweep ui shell report lock clean push pull yardstick train-multiworker
+.PHONY: setup repro test lint exp compare sweep ui shell report lock clean push pull yardstick train-multiworker promote rollback
 
 setup: $(VENV)/.synced
 
@@ -104,6 +104,17 @@ push: setup
 
 pull: setup
 	dvc pull $(if $(REMOTE),--remote $(REMOTE))
+
+# The registry path from a comparison to what ships (pipeline/tracking/registry.py): EXP's
+# ONNX generator becomes the alias `champion` of the registered model, the one before it
+# `previous`; a worse FID or another yardstick is refused unless FORCE=1 (the FID rule only).
+#   make promote EXP=default-seed-2      # a DVC experiment's name, or an MLflow run id
+#   make rollback                        # champion <-> previous
+promote: setup
+	python -m pipeline.tracking.registry promote $(EXP) $(if $(FORCE),--force)
+
+rollback: setup
+	python -m pipeline.tracking.registry rollback
 
 lint: setup
 	ruff check . && ruff format --check . && mypy

@@ -170,6 +170,8 @@ def log_to_mlflow(
     signature = mlflow.models.infer_signature(example, output)
     with open_run(run_file):
         mlflow.log_metrics({f"export_{key}": value for key, value in metrics.items()})
+        # which model/loss/train settings made the weights: a promoted version carries it
+        mlflow.set_tag("params_digest", generator.metadata["params_hash"])
         info = mlflow.onnx.log_model(
             onnx.load(str(onnx_path)),
             name="generator",
@@ -177,6 +179,9 @@ def log_to_mlflow(
             input_example=example,
             registered_model_name=registered_model,
             onnx_execution_providers=["CPUExecutionProvider"],
+            # one self-contained file, as models/generator.onnx: MLflow's default moves the
+            # weights into a separate .data file that a copy of model.onnx alone lacks
+            save_as_external_data=False,
             conda_env=model_environment(),
             tags=source_tags(),
         )
