@@ -147,3 +147,13 @@ def onnx_generators(smoke_params: Params, tmp_path_factory: pytest.TempPathFacto
         paths[name] = out / f"{name}.onnx"
         export_model(build_generator(model), params, paths[name], run_id="test-run")
     return paths
+
+
+@pytest.fixture
+def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh SQLite MLflow store in the test's folder, as the stages' environment names it
+    (their subprocesses resolve it from there); in-process calls pass ``Store(uri, tmp_path)``."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))  # mlartifacts/ lands in tmp, not the repo
+    return uri

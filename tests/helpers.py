@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from pipeline.core.params import Params
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -174,3 +176,8 @@ class SmokePipeline:
     repo: Path  # a repo copy on the smoke preset, `dvc repro evaluate` done, dvc.lock committed
     env: dict[str, str]  # what every `dvc` call in it needs: the mirror, its MLflow store
     tracking_uri: str
+
+
+def with_train(smoke: Params, **train: Any) -> Params:
+    """``smoke`` with some ``train.*`` keys changed."""
+    return smoke.model_copy(update={"train": smoke.train.model_copy(update=train)})

@@ -21,21 +21,9 @@ from pipeline.core.params import Params
 from pipeline.tracking.runs import Store
 from pipeline.training.train import train
 
-from helpers import train_outputs
+from helpers import train_outputs, with_train
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("DVC_ROOT", str(tmp_path))  # mlartifacts/ lands in tmp, not the repo
-    return uri
-
-
-def _params(smoke: Params, **train: Any) -> Params:
-    return smoke.model_copy(update={"train": smoke.train.model_copy(update=train)})
 
 
 def _weights(path: Path) -> list[np.ndarray]:
@@ -68,7 +56,7 @@ def test_torn_checkpoint_is_named_and_skipped(
     """A power loss leaves the newest checkpoint's files cut short or zeroed: the rerun
     names it in one line and resumes from the one before (or starts fresh without one),
     and still ends on the uninterrupted run's weights."""
-    params = _params(smoke_params, epochs=3, checkpoint_every=1)  # ckpt-16 and ckpt-24 kept
+    params = with_train(smoke_params, epochs=3, checkpoint_every=1)  # ckpt-16 and ckpt-24 kept
     out, ckpts = train_outputs(tmp_path), tmp_path / "models" / "checkpoints"
     store = Store(mlflow_store, tmp_path)
     train(params, mnist_dir, out, store)
@@ -132,7 +120,7 @@ def test_full_disk_while_checkpointing_then_resume(
     """The disk fills while ckpt-16 is written: one line names it and the space left, none
     of its files stay, and once space is freed the rerun resumes from ckpt-8 and ends on the
     uninterrupted run's weights. Only the outputs are on the small disk."""
-    params = _params(smoke_params, epochs=3, checkpoint_every=1)
+    params = with_train(smoke_params, epochs=3, checkpoint_every=1)
     store = Store(mlflow_store, tmp_path)
     reference = train_outputs(tmp_path / "reference")
     train(params, mnist_dir, reference, store)

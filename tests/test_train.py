@@ -25,28 +25,16 @@ from pipeline.tracking.runs import Store
 from pipeline.training.distribute import ThreadPoolsFixedError, set_thread_pools
 from pipeline.training.train import HISTORY_COLUMNS, TrainingDivergedError, train
 
-from helpers import stage_args, train_outputs
+from helpers import stage_args, train_outputs, with_train
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("DVC_ROOT", str(tmp_path))  # mlartifacts/ lands in tmp, not the repo
-    return uri
-
-
-def _params(smoke: Params, **train: Any) -> Params:
-    return smoke.model_copy(update={"train": smoke.train.model_copy(update=train)})
-
-
 def test_smoke_training_writes_outputs_and_mlflow_run(
     smoke_params: Params, mnist_dir: Path, tmp_path: Path, mlflow_store: str
 ) -> None:
-    params = _params(smoke_params, epochs=2)
+    params = with_train(smoke_params, epochs=2)
     metrics = train(params, mnist_dir, train_outputs(tmp_path), Store(mlflow_store, tmp_path))
     assert all(np.isfinite(metrics[key]) for key in ("d_loss", "g_loss", "d_real", "d_fake"))
     assert metrics["epochs"] == 2 and metrics["steps"] == 2 * (512 // 64)
@@ -82,7 +70,7 @@ def test_mixed_precision_on_a_cpu_trains_in_bfloat16_where_it_is_native(
     smoke_params: Params, mnist_dir: Path, tmp_path: Path, mlflow_store: str
 ) -> None:
     metrics = train(
-        _params(smoke_params, mixed_precision=True),
+        with_train(smoke_params, mixed_precision=True),
         mnist_dir,
         train_outputs(tmp_path),
         Store(mlflow_store, tmp_path),
@@ -113,7 +101,7 @@ def test_rerun_resumes_and_changed_params_start_fresh(
     assert json.loads((models / "mlflow_run.json").read_text())["run_id"] == run_id
 
     caplog.clear()
-    train(_params(smoke_params, lr_g=1e-3), mnist_dir, out, store)
+    train(with_train(smoke_params, lr_g=1e-3), mnist_dir, out, store)
     assert "from other params or code" in caplog.text and "starting fresh" in caplog.text
     assert json.loads((models / "mlflow_run.json").read_text())["run_id"] != run_id
 
@@ -122,7 +110,7 @@ def test_non_finite_loss_stops_with_epoch_and_step(
     smoke_params: Params, mnist_dir: Path, tmp_path: Path, mlflow_store: str
 ) -> None:
     # lr 1e30: Adam moves every weight by ~1e30 on the first update, so logits overflow.
-    params = _params(smoke_params, lr_d=1e30, lr_g=1e30, epochs=None, steps=6,
+    params = with_train(smoke_params, lr_d=1e30, lr_g=1e30, epochs=None, steps=6,
                      checkpoint_every=1, sample_every=6)  # fmt: skip
     with pytest.raises(TrainingDivergedError, match=r"non-finite loss at epoch 1, step (\d)") as e:
         train(params, mnist_dir, train_outputs(tmp_path), Store(mlflow_store, tmp_path))
@@ -140,7 +128,7 @@ def test_training_refuses_thread_pools_it_did_not_plan(
     training whose plan differs from the pools this process runs with would not give a fresh
     process' numbers, so it says so in one line before any weight exists."""
     tf.constant(1.0) + 1.0  # started: the pools are the session's (conftest), one shard's differ
-    one_shard = _params(smoke_params, shards=1)
+    one_shard = with_train(smoke_params, shards=1)
     with pytest.raises(ThreadPoolsFixedError) as refused:
         train(one_shard, mnist_dir, train_outputs(tmp_path), Store(mlflow_store, tmp_path))
     assert "train.shards: 1" in str(refused.value) and "\n" not in str(refused.value)
@@ -151,7 +139,7 @@ def test_training_refuses_thread_pools_it_did_not_plan(
 
 
 def _write_params(smoke: Params, path: Path, **train: Any) -> Path:
-    raw = _params(smoke, **train).model_dump(mode="json")
+    raw = with_train(smoke, **train).model_dump(mode="json")
     path.write_text(yaml.safe_dump(raw))
     return path
 
