@@ -181,3 +181,79 @@ class SmokePipeline:
 def with_train(smoke: Params, **train: Any) -> Params:
     """``smoke`` with some ``train.*`` keys changed."""
     return smoke.model_copy(update={"train": smoke.train.model_copy(update=train)})
+
+
+def evaluated_run(
+    store: Any, experiment: str, name: str, fid: float, model: Path, yardstick: str
+) -> str:
+    """A training run as the pipeline leaves it in ``store`` (a runs.Store): its ONNX model
+    logged by the export stage's own code, the evaluation's FID and yardstick tag."""
+    import mlflow
+
+    from pipeline.core.files import write_json
+    from pipeline.tracking import runs
+    from pipeline.training.export import log_to_mlflow
+
+    with runs.start_run(store, experiment, name, {"preset": "smoke"}) as run:
+        mlflow.log_metric("fid", fid)
+        mlflow.set_tag("yardstick", yardstick)
+    run_file = store.root / f"{name}.json"
+    write_json(run_file, runs.run_info(run, store))
+    log_to_mlflow(model, run_file, None, {"parity_max_abs_diff": 0.0})
+    return str(run.info.run_id)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass
+class Outcome:
+    began: float  # time.monotonic() when the request was sent
+    ended: float
+    result: int | str  # the HTTP status, or the transport error's class name
+
+
+def load_client(
+    url: str,
+    stop: threading.Event,
+    outcomes: list[Outcome],
+    params: dict[str, Any],
+    pause: float = 0.0,
+) -> None:
+    """One client on one keep-alive connection: requests ``pause`` s apart (``seed`` counting
+    up) until ``stop``, the server refuses it, 2000 requests or 120 s, whichever is first."""
+    import httpx
+
+    deadline = time.monotonic() + 120
+    with httpx.Client(timeout=20, limits=httpx.Limits(max_connections=1)) as client:
+        for seed in range(2000):
+            if stop.is_set() or time.monotonic() > deadline:
+                return
+            began = time.monotonic()
+            try:
+                result: int | str = client.get(url, params={**params, "seed": seed}).status_code
+            except httpx.TransportError as error:
+                result = type(error).__name__
+            outcomes.append(Outcome(began, time.monotonic(), result))
+            if isinstance(result, str):
+                return  # refused or closed: the server is going
+            time.sleep(pause)
+
+
+def wait_ready(url: str, server: subprocess.Popen, timeout: float = 60) -> None:
+    """Until ``url``/readyz answers 200; fails when the server exits or ``timeout`` passes."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return
+        assert server.poll() is None, "the server exited"
+        assert time.monotonic() < deadline, f"not ready within {timeout} s"
+        time.sleep(0.1)

@@ -15,12 +15,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.core.errors import UserError
-from pipeline.core.files import write_json
 from pipeline.inference.generator import Generator
 from pipeline.tracking import runs
 from pipeline.tracking.registry import CHAMPION, PREVIOUS, champion, promote, rollback
 
-from helpers import REPO
+from helpers import REPO, evaluated_run
 
 pytestmark = pytest.mark.slow
 
@@ -28,17 +27,7 @@ NAME, EXPERIMENT, YARDSTICK = "mnist-generator", "mnist-gan", "0b951ba4a044" + "
 
 
 def _evaluated_run(store: runs.Store, name: str, fid: float, model: Path, yardstick: str) -> str:
-    """A training run as the pipeline leaves it: its ONNX model logged by the export stage's
-    code, the evaluation's FID and yardstick tag."""
-    from pipeline.training.export import log_to_mlflow
-
-    with runs.start_run(store, EXPERIMENT, name, {"preset": "smoke"}) as run:
-        mlflow.log_metric("fid", fid)
-        mlflow.set_tag("yardstick", yardstick)
-    run_file = store.root / f"{name}.json"
-    write_json(run_file, runs.run_info(run, store))
-    log_to_mlflow(model, run_file, None, {"parity_max_abs_diff": 0.0})
-    return run.info.run_id
+    return evaluated_run(store, EXPERIMENT, name, fid, model, yardstick)
 
 
 def _aliases(client: MlflowClient) -> dict[str, str]:

@@ -66,13 +66,13 @@ def test_batched_requests_get_the_pixels_of_unbatched_calls(
     explicit = generator.generate(3, z=z)
     np.testing.assert_allclose(responses[-1].json()["images"], explicit, rtol=0, atol=1e-6)
     # 67 images in 8 requests, at most 40 images a call: shared calls, at least two.
-    assert 2 <= app.state.batcher.batches < len(requests)
+    assert 2 <= app.state.slot.current.batcher.batches < len(requests)
 
 
 def test_batching_off_serves_each_request_alone(onnx_generators: dict[str, Path]) -> None:
     model = onnx_generators["conditional"]
     app = create_app(Settings(model=model, batching=False))
-    assert app.state.batcher is None
+    assert app.state.slot.current.batcher is None
     responses = run(app, [("GET", {"n": 4, "seed": s, "format": "json"}) for s in range(4)])
     for seed, response in enumerate(responses):
         expected = np.rint(Generator(model).generate(4, seed=seed) * 255)
@@ -103,7 +103,7 @@ def test_full_queue_is_refused_at_once_with_retry_after(onnx_generators: dict[st
             assert response.headers["retry-after"] == "1"
             assert "MNIST_GAN_MAX_CONCURRENCY" in response.json()["detail"]
             assert seconds < 0.4  # answered before the batch even ran
-    assert app.state.batcher.batches == 1  # the two admitted shared one call
+    assert app.state.slot.current.batcher.batches == 1  # the two admitted shared one call
 
 
 def test_request_waiting_too_long_gets_503_not_a_hang(onnx_generators: dict[str, Path]) -> None:
@@ -140,4 +140,4 @@ def test_bad_input_is_refused_before_it_reaches_a_batch(onnx_generators: dict[st
     assert [r.status_code for r in responses] == [200, 422, 200]
     assert responses[1].json()["detail"][0]["loc"] == ["body", "n"]
     assert responses[0].content == responses[2].content
-    assert app.state.batcher.batches == 1
+    assert app.state.slot.current.batcher.batches == 1

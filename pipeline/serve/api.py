@@ -10,7 +10,6 @@ import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import anyio.to_thread
@@ -21,8 +20,8 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.core.images import to_uint8
-from pipeline.inference.generator import Draw, Generator, InputError, ModelError, encode_png
-from pipeline.serve.batcher import Batcher
+from pipeline.inference.generator import Draw, Generator, InputError, encode_png
+from pipeline.serve.models import ModelSlot
 
 log = logging.getLogger("pipeline.serve")
 
@@ -63,6 +62,14 @@ class Readiness(BaseModel):
     reason: str | None = Field(description="why the model is not loaded")
 
 
+class Registry(BaseModel):
+    name: str
+    version: str
+    alias: str | None = Field(description="the alias it was fetched by, e.g. champion")
+    run_id: str | None
+    metrics: dict[str, float] = Field(description="fid, recall, precision, ... at promotion")
+
+
 class Metadata(BaseModel):
     latent_dim: int
     noise: str
@@ -70,6 +77,9 @@ class Metadata(BaseModel):
     conditional: bool
     max_n: int = Field(description="largest n one request may ask for")
     metadata: dict[str, str] = Field(description="the ONNX file's metadata_props")
+    registry: Registry | None = Field(
+        description="the registry version served (MNIST_GAN_MODEL_URI, or a fetched file)"
+    )
 
 
 def request_models(
@@ -160,22 +170,6 @@ def generate_responses() -> dict[int | str, dict[str, Any]]:
 # --------------------------------------------------------------------------- the work
 
 
-@dataclass
-class ModelState:
-    generator: Generator | None
-    reason: str | None  # why generator is None
-
-    @classmethod
-    def load(cls, model: Path, max_n: int) -> "ModelState":
-        try:
-            generator = Generator(model, max_n=max_n)
-        except ModelError as error:
-            log.error("model not loaded, serving 503 until restarted: %s", error)
-            return cls(None, str(error))
-        log.info("model loaded", extra={"fields": {"model": str(model), **generator.metadata}})
-        return cls(generator, None)
-
-
 class NotReadyError(Exception):
     pass
 
@@ -259,14 +253,14 @@ def json_uint8(pixels: np.ndarray) -> bytes:
     return b"[" + words.tobytes() + b"]]"
 
 
-async def generate(
-    state: ModelState, where: str, request: Any, batcher: Batcher | None = None
-) -> Response:
+async def generate(slot: ModelSlot, where: str, request: Any) -> Response:
     """Serves GET (``request`` is the query model) and POST (the body model, maybe with z);
-    through ``batcher`` when given, so concurrent requests share onnxruntime calls."""
-    generator = state.generator
-    if generator is None:
-        raise NotReadyError(state.reason)
+    through the model's batcher when batching is on, so concurrent requests share
+    onnxruntime calls. The model is taken once: a swap meanwhile does not touch this one."""
+    loaded = slot.current
+    if loaded is None:
+        raise NotReadyError(slot.reason)
+    generator, batcher = loaded.generator, loaded.batcher
     # GET's model has no z: looked up in the fields, as getattr's miss costs pydantic an
     # exception per request.
     n, z, latent = request.n, vars(request).get("z"), None

@@ -43,19 +43,20 @@ from pipeline.serve.api import (
     BadInputError,
     Health,
     Metadata,
-    ModelState,
     NotReadyError,
     Problem,
     Readiness,
+    Registry,
     generate,
     generate_responses,
     parse_query,
     query_parameters,
     request_models,
 )
-from pipeline.serve.batcher import Batcher, QueueTimeoutError
+from pipeline.serve.batcher import QueueTimeoutError
 from pipeline.serve.logs import configure_logging
 from pipeline.serve.middleware import AccessLog, Limits, reply
+from pipeline.serve.models import ModelSlot, reloading
 from pipeline.serve.page import mount_page
 from pipeline.serve.settings import Settings, SettingsError
 
@@ -67,23 +68,15 @@ log = logging.getLogger("pipeline.serve")
 def create_app(settings: Settings) -> FastAPI:
     """The service, with the model loaded (or the reason it is not) and an OpenAPI schema
     that states the loaded model's latent width and digit range."""
-    state = ModelState.load(settings.model, settings.max_n)
-    generator = state.generator
+    slot = ModelSlot.start(settings)
+    generator = slot.current.generator if slot.current else None
     classes = generator.num_classes if generator and generator.conditional else NUM_CLASSES
     latent_dim = generator.latent_dim if generator else None
-    batcher = None
-    if generator is not None and settings.batching:
-        batcher = Batcher(
-            generator,
-            max_batch=settings.max_batch,
-            delay=settings.batch_delay_ms / 1000,
-            max_wait=settings.queue_timeout_ms / 1000,
-            parallel=settings.batch_parallel,
-        )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
+        async with reloading(slot, settings.reload_s):
+            yield
         log.info("shutdown complete")
 
     # FastAPI's /docs loads Swagger UI from a CDN (a blank page offline): this one serves
@@ -98,7 +91,7 @@ def create_app(settings: Settings) -> FastAPI:
         # and the instrumentation costs throughput on small requests.
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
-    app.state.batcher = batcher  # None when batching is off or the model is not loaded
+    app.state.slot = slot  # the current model (tests read its batcher)
     GenerateQuery, GenerateBody = request_models(settings.max_n, classes, latent_dim)  # noqa: N806
     responses = generate_responses()
 
@@ -143,19 +136,20 @@ def create_app(settings: Settings) -> FastAPI:
     )
     async def generate_get(request: Request) -> Response:
         """Draw ``n`` digits: a PNG grid, or JSON arrays with ``format=json``."""
-        return await generate(state, "query", parse_query(GenerateQuery, request), batcher)
+        return await generate(slot, "query", parse_query(GenerateQuery, request))
 
     @app.post("/generate", response_class=Response, responses=responses)
     async def generate_post(body: GenerateBody) -> Response:  # type: ignore[valid-type]
         """As ``GET /generate``, from a JSON body; ``z`` gives the latent vectors explicitly."""
-        return await generate(state, "body", body, batcher)
+        return await generate(slot, "body", body)
 
     @app.get("/metadata", responses={503: {"model": Problem}})
     async def metadata() -> Metadata:
         """The loaded model's contract: latent size, noise kind, classes, provenance."""
-        generator = state.generator
-        if generator is None:
-            raise NotReadyError(state.reason)
+        loaded = slot.current
+        if loaded is None:
+            raise NotReadyError(slot.reason)
+        generator = loaded.generator
         return Metadata(
             latent_dim=generator.latent_dim,
             noise=generator.noise,
@@ -163,6 +157,7 @@ def create_app(settings: Settings) -> FastAPI:
             conditional=generator.conditional,
             max_n=settings.max_n,
             metadata=generator.metadata,
+            registry=Registry.model_validate(loaded.registry) if loaded.registry else None,
         )
 
     @app.get("/healthz")
@@ -173,8 +168,8 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/readyz", responses={503: {"model": Readiness}})
     async def readyz() -> Response:
         """Readiness: 200 once the model is loaded, else 503 with the reason."""
-        ready = state.generator is not None
-        body = Readiness(ready=ready, reason=state.reason).model_dump()
+        ready = slot.current is not None
+        body = Readiness(ready=ready, reason=slot.reason).model_dump()
         return JSONResponse(body, status_code=200 if ready else 503)
 
     mount_page(app)  # the digits page at / (pipeline/serve/page.py)

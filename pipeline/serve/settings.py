@@ -13,6 +13,8 @@ import annotated_types
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from pipeline.inference.provenance import ALLOWED_URI, MODEL_URI
+
 ENV_PREFIX = "MNIST_GAN_"
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
@@ -28,6 +30,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
 
     model: Path = Path("models/generator.onnx")
+    # Or a registry version, e.g. models:/mnist-generator@champion (pipeline/serve/models.py):
+    # fetched at start, on SIGHUP and every reload_s seconds (0: never); replaces ``model``.
+    model_uri: str | None = None
+    reload_s: float = Field(0, ge=0, le=86_400)
     host: str = "127.0.0.1"  # the container sets 0.0.0.0 explicitly
     port: int = Field(8000, ge=1, le=65535)
     max_n: int = Field(256, ge=1, le=1024)
@@ -49,6 +55,13 @@ class Settings(BaseSettings):
     # event loop saturates one core, so more workers scale the n=1 rate with the cores.
     workers: int = Field(1, ge=1, le=64)
     log_level: LogLevel = "INFO"
+
+    @field_validator("model_uri")
+    @classmethod
+    def _registry_uri(cls, value: str | None) -> str | None:
+        if value is not None and MODEL_URI.fullmatch(value) is None:
+            raise ValueError(ALLOWED_URI)
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -79,7 +92,8 @@ class Settings(BaseSettings):
 
     def to_env(self) -> dict[str, str]:
         """The ``MNIST_GAN_*`` variables that :meth:`load` turns back into these settings."""
-        return {env_name(name): str(getattr(self, name)) for name in type(self).model_fields}
+        values = {name: getattr(self, name) for name in type(self).model_fields}
+        return {env_name(name): str(value) for name, value in values.items() if value is not None}
 
 
 def env_name(field: str) -> str:
@@ -103,6 +117,8 @@ def _explain(cls: type[Settings], error: ValidationError, flags: dict[str, Any])
 
 def _allowed(cls: type[Settings], field: str) -> str:
     info = cls.model_fields[field]
+    if field == "model_uri":
+        return ALLOWED_URI
     if field == "log_level":
         return " | ".join(get_args(LogLevel))
     if info.annotation is bool:
