@@ -220,3 +220,60 @@ def test_a_file_is_reloaded_on_a_timer_and_a_broken_one_refused(
     assert set(statuses) == {200}, set(statuses)
     refusals = [line for line in service.text().splitlines() if "refused" in line]
     assert len(refusals) == 1 and "not a loadable ONNX model" in refusals[0], refusals
+
+
+def test_mlflow_serving_draws_the_same_pixels_as_the_service(
+    tmp_path: Path, onnx_generators: dict[str, Path]
+) -> None:
+    """The champion through MLflow's own serving (`mlflow models serve --env-manager local`,
+    /invocations) and through mlflow.pyfunc draws, for the same latents and labels, the
+    service's pixels within 1e-5: the registered model is the deployed one."""
+    import mlflow
+
+    store = runs.Store(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path)
+    evaluated_run(store, EXPERIMENT, "exp-a", 2.0, onnx_generators["conditional"], YARDSTICK)
+    promote(store, NAME, EXPERIMENT, "exp-a")
+    uri = f"models:/{NAME}@champion"
+    z = np.random.default_rng(0).standard_normal((4, 100)).astype(np.float32)
+    labels = np.arange(4, dtype=np.int64)  # the service's digits 0..9 in turn
+
+    port = free_port()
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # its uvicorn
+    mlflow_serve = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager",
+         "local", "-h", "127.0.0.1", "-p", str(port)],
+        cwd=tmp_path, env={**os.environ, "MLFLOW_TRACKING_URI": store.uri, "PATH": path},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    service = Service(tmp_path, {"MLFLOW_TRACKING_URI": store.uri, "MNIST_GAN_MODEL_URI": uri})
+    try:
+        wait_ready(service.url, service.process, timeout=120)
+        ours = httpx.post(
+            f"{service.url}/generate",
+            json={"z": z.tolist(), "format": "json", "dtype": "float32"},
+        ).json()["images"]
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                answer = httpx.post(
+                    f"http://127.0.0.1:{port}/invocations",
+                    json={"inputs": {"z": z.tolist(), "label": labels.tolist()}},
+                    timeout=30,
+                )
+                break
+            except httpx.TransportError:
+                assert mlflow_serve.poll() is None, "mlflow models serve exited"
+                assert time.monotonic() < deadline, "mlflow models serve did not start"
+                time.sleep(0.5)
+    finally:
+        service.stop()
+        mlflow_serve.terminate()
+        mlflow_serve.wait(timeout=30)
+    assert answer.status_code == 200, answer.text
+    theirs = np.asarray(answer.json()["predictions"]["image"], np.float32).reshape(4, 28, 28)
+    np.testing.assert_allclose(np.clip(theirs, 0, 1), np.asarray(ours), atol=1e-5)
+    with runs.fluent_uri(store.uri):
+        pyfunc = mlflow.pyfunc.load_model(uri).predict({"z": z, "label": labels})
+    np.testing.assert_allclose(
+        np.clip(pyfunc["image"].reshape(4, 28, 28), 0, 1), np.asarray(ours), atol=1e-5
+    )
