@@ -34,16 +34,19 @@ test: setup
 	mkdocs build --strict --site-dir site
 	pytest -n 2 --dist loadgroup  # two workers: much of the suite waits on servers and DVC
 
-# One preset = one ordinary DVC experiment (listed by `dvc exp show` and in MLflow):
-#   make exp PRESET=seed001            # run now
+# One preset = one ordinary DVC experiment (listed by `dvc exp show` and in MLflow). It runs in
+# a temp copy (`dvc exp run --temp`), as queued ones do: the workspace's outputs, and so what
+# `make serve`, `make web` and the serve image ship, stay the committed pipeline's.
+#   make exp PRESET=seed001            # run now; `dvc exp apply NAME` brings its outputs here
 #   make exp PRESET=seed001 QUEUE=1    # queue it; then `dvc queue start`
-#     (queueing runs the download stage first, as make sweep does: queued runs started with
-#     `-j 2` would otherwise each commit the same data into the DVC cache at once)
+#     (both run the download stage first, as make sweep does: temp and queued runs
+#     started with `-j 2` would otherwise each commit the same data into the DVC cache at once)
 #   make exp PRESET=seed002 SET='train.epochs=300 model.d_dropout=0.3'   # preset + changes
 exp: setup
 	args="$$(python -m pipeline.experiments.presets exp-args $(PRESET) $(SET))" && \
-	$(if $(QUEUE),dvc repro download &&) \
-	eval dvc exp run $(if $(QUEUE),--queue) -n "$(PRESET)-$$(date +%Y%m%d-%H%M%S)" $$args
+	name="$(PRESET)-$$(date +%Y%m%d-%H%M%S)" && dvc repro download && \
+	eval dvc exp run $(if $(QUEUE),--queue,--temp) -n "$$name" $$args && \
+	echo "$$name: $(if $(QUEUE),queued,done; the workspace is unchanged (make compare lists it; dvc exp apply $$name brings it here))"
 
 # The train stage on WORKERS workers on this machine (loopback, MultiWorkerMirroredStrategy),
 # with dvc.yaml's train flags; needs train.strategy: multi_worker in params.yaml. Worker 0
@@ -125,16 +128,30 @@ lock: $(UV)
 clean:
 	rm -rf $(VENV) .uv .pytest_cache .ruff_cache
 
-.PHONY: serve docker-check web docs
+.PHONY: serve fetch docker-check web docs
 
 # The documentation site (docs/, mkdocs.yml) into site/; --strict: a broken link fails it.
 docs: setup
 	mkdocs build --strict --site-dir site
 
 # The generation service on 127.0.0.1:8000 (env MNIST_GAN_* for limits; docs/serving.md).
+#   make serve                                          # models/generator.onnx (MODEL=...)
+#   make serve MODEL_URI=models:/mnist-generator@champion   # a registry version: kill -HUP
+#     swaps in what the alias points at then (RELOAD_S=60: checks every minute)
+# A workspace model trained with other params than the committed ones gets a warning first.
 MODEL ?= models/generator.onnx
 serve: setup
-	python -m pipeline.serve --model $(MODEL)
+	$(if $(MODEL_URI),,python -m pipeline.inference.provenance $(MODEL) &&) \
+	python -m pipeline.serve $(if $(MODEL_URI),--model-uri $(MODEL_URI),--model $(MODEL)) \
+	    $(if $(RELOAD_S),--reload-s $(RELOAD_S))
+
+# A registry version as one ONNX file that records which version it is (for make web MODEL=,
+# the serve image's MODEL build arg, or any other host).
+#   make fetch [MODEL_URI=models:/mnist-generator@champion] [OUT=models/champion.onnx]
+MODEL_URI_FETCH := $(or $(MODEL_URI),models:/mnist-generator@champion)
+OUT ?= models/champion.onnx
+fetch: setup
+	python -m pipeline.tracking.fetch $(MODEL_URI_FETCH) --out $(OUT)
 
 # The digits page as a static site that runs the model in the browser (onnxruntime-web,
 # WebAssembly): the page, $(MODEL), its metadata and the runtime, for any static host.
@@ -142,6 +159,7 @@ serve: setup
 WEB ?= web
 ORT_WEB := node_modules/onnxruntime-web/dist/ort.wasm.min.mjs
 web: setup $(ORT_WEB)
+	python -m pipeline.inference.provenance $(MODEL)
 	python -m pipeline.serve.page --model $(MODEL) --out $(WEB)
 
 # Pinned by package-lock.json; installed only when missing or when the lock changed.
@@ -151,8 +169,9 @@ $(ORT_WEB): package-lock.json
 
 # Builds the serve image for real (Docker daemon, debootstrap base image), runs it, calls it
 # on loopback and prints its size (fails at >= 150 MB). Needs root; see docker/check.sh.
+#   make docker-check MODEL=models/champion.onnx    # bakes a registry version (make fetch)
 docker-check: requirements/serve.txt
-	bash docker/check.sh
+	$(if $(filter command line,$(origin MODEL)),MODEL=$(MODEL)) bash docker/check.sh
 
 # The serve image's pinned dependencies, exported from uv.lock.
 requirements/serve.txt: uv.lock | $(UV)

@@ -37,8 +37,13 @@ if [[ -z "${BASE_IMAGE:-}" ]]; then
     docker/base-image.sh "$BASE_IMAGE"
 fi
 
-# 3. Model.
-model=models/generator.onnx
+# 3. Model: MODEL (e.g. make fetch's models/champion.onnx), else the workspace's, else a stand-in.
+model=${MODEL:-models/generator.onnx}
+if [[ -n "${MODEL:-}" && ! -f "$model" ]]; then
+    log "MODEL=$model: no such file (make fetch writes models/champion.onnx)"
+    exit 2
+fi
+"$PYTHON" -m pipeline.inference.provenance "$model" || true
 if [[ ! -f "$model" ]]; then
     model=.cache/docker-check/generator.onnx
     if [[ ! -f "$model" ]]; then

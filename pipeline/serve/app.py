@@ -194,6 +194,10 @@ def app_from_env() -> FastAPI:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="ONNX generator (env MNIST_GAN_MODEL)")
+    parser.add_argument(
+        "--model-uri", help="registry version instead, e.g. models:/mnist-generator@champion"
+    )
+    parser.add_argument("--reload-s", help="re-resolve the model every N s (0: only on SIGHUP)")
     parser.add_argument("--host", help="bind address (env MNIST_GAN_HOST; default 127.0.0.1)")
     parser.add_argument("--port", help="TCP port (env MNIST_GAN_PORT; default 8000)")
     parser.add_argument("--workers", help="processes (env MNIST_GAN_WORKERS; default 1)")
