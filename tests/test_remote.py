@@ -9,15 +9,17 @@ that finds nothing left to train, but no training run of its own."""
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import Dvc, SmokePipeline
+from helpers import REPO, Dvc, SmokePipeline
 
 # xdist_group: on the worker that builds the shared smoke run (tests/conftest.py), not twice.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("smoke_pipeline")]
@@ -129,3 +131,29 @@ def test_pull_from_a_missing_or_unreachable_remote_fails_clearly(
     assert "Missing cache files:" in result.stderr
     outs = [repo_copy / name for name in ("data", "models", "reports")]
     assert not [path for out in outs for path in out.rglob("*") if path.is_file()]  # no output
+
+
+def test_make_exp_leaves_the_workspace_alone(smoke_pipeline: SmokePipeline) -> None:
+    """`make exp` runs in a temp copy (`dvc exp run --temp`): the workspace's params, lock and
+    outputs (what `make serve` would ship) stay as they were, the experiment is listed by
+    `make compare` beside the workspace's own row, and the command says how to apply it."""
+    repo, env = smoke_pipeline.repo, {**os.environ, **smoke_pipeline.env}
+    for tool in (".venv", ".uv"):  # this checkout's environment, as `make setup` left it
+        if not (repo / tool).exists():
+            (repo / tool).symlink_to(REPO / tool)
+    before = {out: _digest(repo / out) for out in ("params.yaml", "dvc.lock", "models")}
+    done = subprocess.run(
+        ["make", "exp", "PRESET=smoke", "SET=generate.seed=2"],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    name = re.search(r"^(smoke-\d{8}-\d{6}): done; the workspace is unchanged", done.stdout, re.M)
+    assert name, done.stdout[-2000:]
+    assert {out: _digest(repo / out) for out in before} == before
+    assert _git(repo, "status", "--porcelain", "--untracked-files=no").strip() == ""
+    table = subprocess.run(
+        [sys.executable, "-m", "pipeline.experiments.compare"],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    rows = [line.split()[0] for line in table.splitlines()[1:]]
+    assert "workspace" in rows and name[1] in rows, table
