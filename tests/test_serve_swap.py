@@ -10,112 +10,25 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
-import onnx
 import pytest
-from onnx import numpy_helper
+from service import Load, Service, pixels, variant, wait_for
 
 from pipeline.inference.generator import Generator
 from pipeline.tracking import runs
 from pipeline.tracking.registry import promote, rollback
 
-from helpers import REPO, Outcome, evaluated_run, free_port, load_client, wait_ready
+from helpers import evaluated_run, free_port, wait_ready
 
 pytestmark = pytest.mark.slow
 
 NAME, EXPERIMENT, YARDSTICK = "mnist-generator", "mnist-gan", "ab" * 32
-
-
-def variant(model: Path, out: Path, shift: float = 0.05) -> Path:
-    """``model`` with other weights and the same contract: another training's generator."""
-    proto = onnx.load(str(model))
-    weights = max(proto.graph.initializer, key=lambda tensor: int(np.prod(tensor.dims)))
-    changed = numpy_helper.to_array(weights) + np.float32(shift)
-    weights.CopyFrom(numpy_helper.from_array(changed.astype(np.float32), weights.name))
-    onnx.save(proto, str(out))
-    return out
-
-
-def pixels(url: str, seed: int = 7) -> np.ndarray:
-    answer = httpx.get(
-        f"{url}/generate", params={"n": 4, "seed": seed, "format": "json", "dtype": "float32"}
-    )
-    assert answer.status_code == 200, answer.text
-    return np.asarray(answer.json()["images"], np.float32)
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        time.sleep(0.2)
-
-
-class Service:
-    """The service as a process (one worker, batching on), its log kept in a file."""
-
-    def __init__(self, tmp: Path, env: dict[str, str], *args: str) -> None:
-        self.url = f"http://127.0.0.1:{free_port()}"
-        self.log = tmp / f"serve-{self.url.rsplit(':', 1)[1]}.log"
-        command = [sys.executable, "-m", "pipeline.serve", "--port", self.url.rsplit(":")[-1]]
-        with self.log.open("w") as out:
-            self.process = subprocess.Popen(
-                [*command, *args], cwd=REPO, env={**os.environ, **env}, stdout=out,
-                stderr=subprocess.STDOUT, text=True,
-            )  # fmt: skip
-
-    def metadata(self) -> dict[str, Any]:
-        answer = httpx.get(f"{self.url}/metadata", timeout=5)
-        assert answer.status_code == 200, answer.text
-        found: dict[str, Any] = answer.json()
-        return found
-
-    def version(self) -> str | None:
-        registry = self.metadata()["registry"]
-        return registry["version"] if registry else None
-
-    def text(self) -> str:
-        return self.log.read_text()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-
-
-class Load:
-    """32 clients on keep-alive connections against the service (helpers.load_client)."""
-
-    def __init__(self) -> None:
-        self.halt, self.outcomes, self.clients = threading.Event(), list[Outcome](), []
-
-    def start(self, url: str, count: int = 32) -> list[Outcome]:
-        params = {"n": 8, "format": "json"}
-        for _ in range(count):
-            # 10 ms apart: every connection stays busy, and the swaps' own work gets CPU too
-            args = (f"{url}/generate", self.halt, self.outcomes, params, 0.01)
-            client = threading.Thread(target=load_client, args=args, daemon=True)
-            client.start()
-            self.clients.append(client)
-        return self.outcomes
-
-    def stop(self) -> list[int | str]:
-        """Stop and join the clients; every result."""
-        self.halt.set()
-        for client in self.clients:
-            client.join(timeout=30)
-        return [outcome.result for outcome in self.outcomes]
 
 
 @pytest.fixture
@@ -125,27 +38,42 @@ def load() -> Iterator[Load]:
     running.stop()
 
 
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("server", marks=pytest.mark.xdist_group("tracking_server")),
+    ]
+)
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> runs.Store:
+    """The embedded SQLite store, or the team's tracking server (PostgreSQL)."""
+    if request.param == "sqlite":
+        return runs.Store(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path)
+    server = request.getfixturevalue("tracking_server")
+    return runs.Store(server.uri, tmp_path)
+
+
 def test_alias_swap_and_rollback_under_load_drop_nothing(
-    tmp_path: Path, onnx_generators: dict[str, Path], load: Load
+    store: runs.Store, tmp_path: Path, onnx_generators: dict[str, Path], load: Load
 ) -> None:
     """The service serves the champion by alias and reports it in /metadata; promote + SIGHUP
     and rollback + SIGHUP swap the model under 32 busy connections with zero failed requests;
-    a version that breaks the contract is refused in one log line and the old one serves on."""
-    store = runs.Store(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path)
+    a version that breaks the contract is refused in one log line and the old one serves on.
+    On the embedded store and on the team server alike."""
     first = onnx_generators["conditional"]
     second = variant(first, tmp_path / "second.onnx")
+    name = f"{NAME}-{uuid.uuid4().hex[:8]}"  # its own: the server outlives this test
     ids = {
-        name: evaluated_run(store, EXPERIMENT, name, fid, model, YARDSTICK)
-        for name, fid, model in (
+        run: evaluated_run(store, EXPERIMENT, run, fid, model, YARDSTICK)
+        for run, fid, model in (
             ("exp-a", 2.0, first),
             ("exp-b", 1.5, second),
             ("exp-c", 1.0, onnx_generators["unconditional"]),  # another contract
         )
     }
-    promote(store, NAME, EXPERIMENT, "exp-a")
+    promote(store, name, EXPERIMENT, ids["exp-a"])
     env = {
         "MLFLOW_TRACKING_URI": store.uri,
-        "MNIST_GAN_MODEL_URI": f"models:/{NAME}@champion",
+        "MNIST_GAN_MODEL_URI": f"models:/{name}@champion",
         "MNIST_GAN_BATCHING": "true",
     }
     service = Service(tmp_path, env)
@@ -153,7 +81,7 @@ def test_alias_swap_and_rollback_under_load_drop_nothing(
         wait_ready(service.url, service.process, timeout=120)
         registry = service.metadata()["registry"]
         assert registry == {
-            "name": NAME, "version": "1", "alias": "champion", "run_id": ids["exp-a"],
+            "name": name, "version": "1", "alias": "champion", "run_id": ids["exp-a"],
             "metrics": {"fid": 2.0},
         }  # fmt: skip
         expected = {path: Generator(path).generate(4, seed=7) for path in (first, second)}
@@ -161,19 +89,19 @@ def test_alias_swap_and_rollback_under_load_drop_nothing(
         outcomes = load.start(service.url)
         wait_for(lambda: len(outcomes) > 64, "load started")
 
-        promote(store, NAME, EXPERIMENT, "exp-b")
+        promote(store, name, EXPERIMENT, ids["exp-b"])
         service.process.send_signal(signal.SIGHUP)
         wait_for(lambda: service.version() == "2", "swap to version 2")
         np.testing.assert_allclose(pixels(service.url), expected[second], atol=1e-6)
         before = len(outcomes)
         wait_for(lambda: len(outcomes) > before + 64, "load after the swap")
 
-        rollback(store, NAME)
+        rollback(store, name)
         service.process.send_signal(signal.SIGHUP)
         wait_for(lambda: service.version() == "1", "rollback to version 1")
         np.testing.assert_allclose(pixels(service.url), expected[first], atol=1e-6)
 
-        promote(store, NAME, EXPERIMENT, "exp-c", force=True)  # version 3: unconditional
+        promote(store, name, EXPERIMENT, ids["exp-c"], force=True)  # version 3: unconditional
         service.process.send_signal(signal.SIGHUP)
         wait_for(lambda: "refused" in service.text(), "the refusal")
         assert service.version() == "1"

@@ -8,13 +8,10 @@ import csv
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -29,7 +26,7 @@ from pipeline.core.params import apply_overrides
 from pipeline.experiments import compare, ui
 from pipeline.experiments.presets import load_preset
 from pipeline.tracking import run_logger, runs
-from pipeline.tracking.server import PG_BIN, TrackingServer
+from pipeline.tracking.server import TrackingServer
 
 from helpers import REPO, Dvc, stage_args
 
@@ -44,29 +41,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def server() -> Iterator[TrackingServer]:
-    """PostgreSQL + MLflow server for the whole session, state in a fresh folder."""
-    if not (PG_BIN / "initdb").is_file():
-        installed = subprocess.run(
-            ["bash", str(REPO / "scripts" / "install_postgres.sh")],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
-        if installed.returncode:
-            pytest.skip(f"PostgreSQL 15 cannot be installed here: {installed.stderr.strip()}")
-    # Under /tmp, not pytest's tmp_path: the postgres user must reach it, and pytest's base
-    # folder is private to root.
-    state = Path(tempfile.mkdtemp(prefix="mnist-gan-tracking-"))
-    state.chmod(0o755)
-    team = TrackingServer(state, port=_free_port(), workers=1)
-    try:
-        team.start()
-        yield team
-    finally:
-        team.stop()
-        shutil.rmtree(state, ignore_errors=True)
+def server(tracking_server: TrackingServer) -> TrackingServer:
+    return tracking_server
 
 
 def _stage_env(server: TrackingServer, **extra: str) -> dict[str, str]:
