@@ -72,8 +72,7 @@ def _fetch(uri: str, out: Path, skip: set[str]) -> dict[str, Any]:
     """Run :mod:`pipeline.tracking.fetch` (no download when the URI's version is in
     ``skip``); its one-line error becomes a ModelError."""
     paths = [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths)),
-           "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
     command = [sys.executable, "-m", "pipeline.tracking.fetch", uri, "--out", str(out)]
     for version in sorted(skip):
         command += ["--unless-version", version]

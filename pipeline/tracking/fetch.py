@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         "--unless-version", action="append", default=[], help="no download for this version"
     )
     args = parser.parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stderr: one line
     found = fetch(resolve_store(), args.uri, args.out, frozenset(args.unless_version))
     print(json.dumps(found, sort_keys=True))
 
