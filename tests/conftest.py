@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from helpers import (
     MirrorServer,
     SmokePipeline,
     copy_repo,
+    free_port,
     run_dvc,
     serve_mirror,
 )
@@ -157,3 +159,33 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))  # mlartifacts/ lands in tmp, not the repo
     return uri
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[Any]:
+    """PostgreSQL + MLflow server (pipeline/tracking/server.py's TrackingServer) for the
+    whole session, state in a fresh folder. Tests using it share an xdist_group so that one
+    worker starts it once."""
+    from pipeline.tracking.server import PG_BIN, TrackingServer
+
+    if not (PG_BIN / "initdb").is_file():
+        installed = subprocess.run(
+            ["bash", str(REPO / "scripts" / "install_postgres.sh")],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        if installed.returncode:
+            pytest.skip(f"PostgreSQL 15 cannot be installed here: {installed.stderr.strip()}")
+    # Under /tmp, not pytest's tmp_path: the postgres user must reach it, and pytest's base
+    # folder is private to root.
+    state = Path(tempfile.mkdtemp(prefix="mnist-gan-tracking-"))
+    state.chmod(0o755)
+    team = TrackingServer(state, port=free_port(), workers=1)
+    try:
+        team.start()
+        yield team
+    finally:
+        team.stop()
+        shutil.rmtree(state, ignore_errors=True)
