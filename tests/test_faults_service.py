@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -25,14 +26,21 @@ pytestmark = pytest.mark.slow
 MIB = 1 << 20
 
 
-@pytest.fixture(scope="module")
-def service(onnx_generators: dict[str, Path]) -> Iterator[tuple[str, int]]:
-    """The service's URL and process id: one worker, batching on (the defaults)."""
+@contextlib.contextmanager
+def _serving(model: Path, files: int | None = None, **env: str) -> Iterator[tuple[str, int]]:
+    """``python -m pipeline.serve`` on a free loopback port (``files``: its open-file limit),
+    ready; its URL and process id. Terminated at the end."""
     port = free_port()
-    command = [sys.executable, "-m", "pipeline.serve", "--port", str(port),
-               "--model", str(onnx_generators["unconditional"])]  # fmt: skip
-    env = {**os.environ, "MNIST_GAN_LOG_LEVEL": "WARNING"}
-    proc = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    command = [sys.executable, "-m", "pipeline.serve", "--port", str(port), "--model", str(model)]
+
+    def limit() -> None:  # in the child, before exec
+        if files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))
+
+    proc = subprocess.Popen(
+        command, cwd=REPO, env={**os.environ, "MNIST_GAN_LOG_LEVEL": "WARNING", **env},
+        stderr=subprocess.PIPE, text=True, preexec_fn=limit,
+    )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
 
     def ready() -> bool:
@@ -47,6 +55,13 @@ def service(onnx_generators: dict[str, Path]) -> Iterator[tuple[str, int]]:
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def service(onnx_generators: dict[str, Path]) -> Iterator[tuple[str, int]]:
+    """The service's URL and process id: one worker, batching on (the defaults)."""
+    with _serving(onnx_generators["unconditional"]) as running:
+        yield running
 
 
 def _rss(pid: int) -> int:
@@ -65,31 +80,32 @@ def _timed_get(client: httpx.Client | None, url: str, seed: int) -> tuple[int, f
     return answer.status_code, time.monotonic() - began
 
 
-def test_idle_and_slow_clients_do_not_stop_others(service: tuple[str, int]) -> None:
-    """200 sockets held open (80 idle, 60 sending a header line every half second, 60 a
-    POST body a byte every half second) while 40 ordinary requests each get 200 in < 2 s."""
-    url, _ = service
-    port = int(url.rsplit(":", 1)[1])
-    slow_headers = b"GET /generate?n=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-    slow_body = (b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                 b"Content-Type: application/json\r\nContent-Length: 4000\r\n\r\n{")  # fmt: skip
-    kinds = ["idle"] * 80 + ["headers"] * 60 + ["body"] * 60
+SLOW_HEADERS = b"GET /generate?n=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+SLOW_BODY = (b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+             b"Content-Type: application/json\r\nContent-Length: 4000\r\n\r\n{")  # fmt: skip
+
+
+@contextlib.contextmanager
+def _slow_clients(port: int, idle: int, headers: int, body: int) -> Iterator[list[socket.socket]]:
+    """Sockets that connect and send nothing (``idle``), or a header line (``headers``) or a
+    body byte (``body``) every half second, until the block ends (at most 60 s)."""
+    kinds = ["idle"] * idle + ["headers"] * headers + ["body"] * body
     stop = threading.Event()
     with contextlib.ExitStack() as stack:
         sockets = []
         for kind in kinds:
             sock = stack.enter_context(socket.create_connection(("127.0.0.1", port), timeout=5))
             if kind != "idle":
-                sock.sendall(slow_headers if kind == "headers" else slow_body)
-            sockets.append((kind, sock))
+                sock.sendall(SLOW_HEADERS if kind == "headers" else SLOW_BODY)
+            sockets.append(sock)
 
-        def trickle() -> None:  # bounded: until stop, at most 60 s
+        def trickle() -> None:
             deadline = time.monotonic() + 60
             for tick in itertools.count():
                 if stop.wait(0.5) or time.monotonic() > deadline:
                     return
-                for kind, sock in sockets:
-                    with contextlib.suppress(OSError):
+                for kind, sock in zip(kinds, sockets, strict=True):
+                    with contextlib.suppress(OSError):  # closed by the server: fine
                         if kind == "headers":
                             sock.sendall(f"X-Slow-{tick}: a\r\n".encode())
                         elif kind == "body":
@@ -99,14 +115,22 @@ def test_idle_and_slow_clients_do_not_stop_others(service: tuple[str, int]) -> N
         trickler.start()
         try:
             time.sleep(1)  # every slow client has sent something by now
-            with httpx.Client(timeout=10) as client:
-                timings = [_timed_get(client, f"{url}/generate", seed) for seed in range(20)]
-            # a new connection each: accepted while 200 others are held
-            timings += [_timed_get(None, f"{url}/generate", seed) for seed in range(20)]
+            yield sockets
         finally:
             stop.set()
             trickler.join(timeout=5)
-        open_after = sum(_still_open(sock) for _, sock in sockets)
+
+
+def test_idle_and_slow_clients_do_not_stop_others(service: tuple[str, int]) -> None:
+    """200 sockets held open (80 idle, 60 sending a header line every half second, 60 a
+    POST body a byte every half second) while 40 ordinary requests each get 200 in < 2 s."""
+    url, _ = service
+    with _slow_clients(int(url.rsplit(":", 1)[1]), idle=80, headers=60, body=60) as sockets:
+        with httpx.Client(timeout=10) as client:
+            timings = [_timed_get(client, f"{url}/generate", seed) for seed in range(20)]
+        # a new connection each: accepted while 200 others are held
+        timings += [_timed_get(None, f"{url}/generate", seed) for seed in range(20)]
+        open_after = sum(_still_open(sock) for sock in sockets)
     statuses = {status for status, _ in timings}
     slowest = max(seconds for _, seconds in timings)
     assert statuses == {200}, statuses
@@ -174,3 +198,29 @@ def test_memory_stays_bounded_under_a_flood_of_png_requests(service: tuple[str, 
           f"end {samples[-1] / MIB:.0f} MiB")  # fmt: skip
     assert peak - warm[0] < 40 * MIB, (peak - warm[0]) / MIB
     assert last - second < 8 * MIB, (last - second) / MIB
+
+
+def test_slow_sockets_past_the_file_limit_are_closed_and_others_served(
+    onnx_generators: dict[str, Path],
+) -> None:
+    """A worker that may open 256 files; 300 sockets that idle, or trickle their headers or
+    body: they take every descriptor, yet within MNIST_GAN_READ_TIMEOUT_S=2 (and a second
+    round for those left in the backlog) they are closed, trickling or not, and a new client
+    gets 200. Without the bound they were held forever and the new client refused."""
+    model = onnx_generators["unconditional"]
+    with _serving(model, files=256, MNIST_GAN_READ_TIMEOUT_S="2") as (url, pid):
+        port = int(url.rsplit(":", 1)[1])
+        with _slow_clients(port, idle=200, headers=50, body=50) as sockets:
+            held = len(list(Path(f"/proc/{pid}/fd").iterdir()))
+            began, answer = time.monotonic(), None
+            while answer is None and time.monotonic() - began < 20:  # bounded: 20 s
+                with contextlib.suppress(httpx.TransportError):
+                    answer = httpx.get(f"{url}/generate", params={"n": 16}, timeout=10)
+                if answer is None:
+                    time.sleep(0.2)
+            waited = time.monotonic() - began
+            wait_for(lambda: not any(map(_still_open, sockets)), 10, "slow sockets closed")
+    assert held >= 250, f"the idle sockets held only {held} descriptors"
+    assert answer is not None and answer.status_code == 200, answer
+    assert waited < 10, f"a new client waited {waited:.1f} s"
+    print(f"300 slow sockets, 256 files: {held} held; a new client got 200 after {waited:.1f} s")
