@@ -100,3 +100,4 @@ def test_a_database_gone_for_good_fails_in_one_line_after_the_outputs(
         f"MLFLOW_TRACKING_URI: the MLflow server at {server.uri} {DATABASE_DOWN}"
     )
     assert str(early.value).endswith("; rerun once it is back")
+    print(last, early.value, sep="\n")

@@ -63,7 +63,7 @@ def outage(uri: str, run_id: str) -> str | None:
         said = str(answer.json().get("message", ""))
     except ValueError:
         said = answer.text
-    said = " ".join(said.split())[:160]  # one line: psycopg2's messages span several
+    said = (said.strip().splitlines() or [""])[0][:200]  # psycopg2's first line says it
     if answer.status_code == 503:
         return f"answers but its database is unavailable (HTTP 503: {said})"
     return f"answers HTTP {answer.status_code} ({said})"
