@@ -162,10 +162,10 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 @pytest.fixture(scope="session")
-def tracking_server() -> Iterator[Any]:
-    """PostgreSQL + MLflow server (pipeline.tracking.server.TrackingServer, what `make
-    tracking-server` runs) for the whole session, state in a fresh folder. Tests using it
-    share the xdist group "tracking_server", so one worker starts it once."""
+def server() -> Iterator[Any]:
+    """PostgreSQL + MLflow server (pipeline/tracking/server.py's TrackingServer) for the
+    whole session, state in a fresh folder. Tests using it share an xdist_group so that one
+    worker starts it once."""
     from pipeline.tracking.server import PG_BIN, TrackingServer
 
     if not (PG_BIN / "initdb").is_file():

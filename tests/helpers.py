@@ -9,6 +9,7 @@ import http.server
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from pipeline.core.params import Params
@@ -183,6 +185,104 @@ def with_train(smoke: Params, **train: Any) -> Params:
     return smoke.model_copy(update={"train": smoke.train.model_copy(update=train)})
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on now (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], bool], seconds: float, what: str) -> None:
+    """Poll ``predicate`` every half second; fail naming ``what`` after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {seconds} s waiting for {what}"
+        time.sleep(0.5)
+
+
+def tracking_env(uri: str, **extra: str) -> dict[str, str]:
+    """The environment of a stage subprocess that logs into the tracking server at ``uri``."""
+    return {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "PYTHONPATH": str(REPO),
+        **extra,
+    }
+
+
+@dataclass
+class TrainStage:
+    """The real train stage running in a subprocess under ``root``, logging to ``uri``."""
+
+    proc: subprocess.Popen[bytes]
+    uri: str
+    experiment: str
+    root: Path
+
+    def first_epoch_logged(self) -> bool:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(self.uri)
+        found = client.get_experiment_by_name(self.experiment)
+        runs = client.search_runs([found.experiment_id]) if found else []
+        return bool(runs and "d_loss" in runs[0].data.metrics)
+
+    @property
+    def output(self) -> str:
+        return (self.root / "train.log").read_text()
+
+
+@contextlib.contextmanager
+def train_stage(
+    uri: str, raw_params: dict[str, Any], data: Path, root: Path, epochs: int, wait_s: int
+) -> Iterator[TrainStage]:
+    """``stages.train`` on the smoke preset for ``epochs`` epochs, in a fresh experiment on
+    the tracking server at ``uri``, waiting ``wait_s`` for an absent server at the end; killed
+    if still running when the block ends."""
+    from pipeline.core.params import apply_overrides
+    from pipeline.experiments.presets import load_preset
+
+    params = apply_overrides(raw_params, {**load_preset("smoke"), "train.epochs": epochs})
+    params["mlflow"]["experiment"] = experiment = f"train-{time.time_ns()}"
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    command = [sys.executable, "-m", "stages.train",
+               *stage_args("train", root, params=root / "params.yaml", data=data)]  # fmt: skip
+    env = tracking_env(uri, MNIST_GAN_TRACKING_WAIT_S=str(wait_s))
+    with (root / "train.log").open("w") as log:
+        proc = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield TrainStage(proc, uri, experiment, root)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def small_disk(where: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of ``size`` mounted at ``where`` (root only; skips saying why if not)."""
+    where.mkdir(parents=True)
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command here: the fault tests need a real small filesystem")
+    command = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)]
+    mounted = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs ({mounted.stderr.strip()}): needs root")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True, timeout=30)
+
+
+def fill(disk: Path, leave: int, name: str = "ballast") -> Path:
+    """A ballast file taking all but ``leave`` bytes of ``disk``."""
+    ballast = disk / name
+    with ballast.open("wb") as handle:
+        handle.write(b"\1" * (shutil.disk_usage(disk).free - leave))
+    return ballast
+
+
 def evaluated_run(
     store: Any, experiment: str, name: str, fid: float, model: Path, yardstick: str
 ) -> str:
@@ -201,14 +301,6 @@ def evaluated_run(
     write_json(run_file, runs.run_info(run, store))
     log_to_mlflow(model, run_file, None, {"parity_max_abs_diff": 0.0})
     return str(run.info.run_id)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass

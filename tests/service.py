@@ -8,8 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +35,6 @@ def pixels(url: str, seed: int = 7) -> np.ndarray:
     )
     assert answer.status_code == 200, answer.text
     return np.asarray(answer.json()["images"], np.float32)
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        time.sleep(0.2)
 
 
 class Service:

@@ -3,11 +3,7 @@ lost, and each says so in one line."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import shutil
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +17,7 @@ from pipeline.core.params import Params
 from pipeline.tracking.runs import Store
 from pipeline.training.train import train
 
-from helpers import train_outputs, with_train
+from helpers import fill, small_disk, train_outputs, with_train
 
 pytestmark = pytest.mark.slow
 
@@ -90,30 +86,6 @@ def test_torn_checkpoint_is_named_and_skipped(
     assert sorted(p.name for p in ckpts.glob("ckpt-*.index")) == ["ckpt-16.index", "ckpt-24.index"]
 
 
-@contextlib.contextmanager
-def _small_disk(where: Path, size: str) -> Iterator[Path]:
-    """A real tmpfs of ``size`` mounted at ``where`` (root only; skips saying why if not)."""
-    where.mkdir(parents=True)
-    if shutil.which("mount") is None:
-        pytest.skip("no mount command here: the full-disk tests need a real small filesystem")
-    command = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)]
-    mounted = subprocess.run(command, capture_output=True, text=True, timeout=30)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs ({mounted.stderr.strip()}): needs root")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", str(where)], check=True, timeout=30)
-
-
-def _fill(disk: Path, leave: int) -> Path:
-    """A ballast file taking all but ``leave`` bytes of ``disk``."""
-    ballast = disk / "ballast"
-    with ballast.open("wb") as handle:
-        handle.write(b"\1" * (shutil.disk_usage(disk).free - leave))
-    return ballast
-
-
 def test_full_disk_while_checkpointing_then_resume(
     smoke_params: Params, mnist_dir: Path, tmp_path: Path, mlflow_store: str, caplog: Any
 ) -> None:
@@ -125,9 +97,9 @@ def test_full_disk_while_checkpointing_then_resume(
     reference = train_outputs(tmp_path / "reference")
     train(params, mnist_dir, reference, store)
 
-    with _small_disk(tmp_path / "disk", "4m") as disk:
+    with small_disk(tmp_path / "disk", "4m") as disk:
         out, ckpts = train_outputs(disk), disk / "models" / "checkpoints"
-        ballast = _fill(disk, leave=1100 * 1024)  # ckpt-8 fits (~0.7 MB), ckpt-16 does not
+        ballast = fill(disk, leave=1100 * 1024)  # ckpt-8 fits (~0.7 MB), ckpt-16 does not
         with pytest.raises(DiskFullError) as full:
             train(params, mnist_dir, out, store)
         message = str(full.value)
@@ -154,9 +126,9 @@ def test_full_disk_while_exporting_leaves_no_onnx(smoke_params: Params, tmp_path
 
     keras.utils.set_random_seed(0)
     generator = build_generator(smoke_params.model)
-    with _small_disk(tmp_path / "disk", "256k") as disk:
+    with small_disk(tmp_path / "disk", "256k") as disk:
         onnx_path = disk / "models" / "generator.onnx"
-        ballast = _fill(disk, leave=16 * 1024)
+        ballast = fill(disk, leave=16 * 1024)
         with pytest.raises(DiskFullError) as full:
             export_model(generator, smoke_params, onnx_path, run_id="test-run")
         message = str(full.value)

@@ -6,12 +6,10 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,7 @@ import yaml
 from pipeline.core.params import apply_overrides
 from pipeline.experiments.presets import load_preset
 
-from helpers import Dvc
+from helpers import Dvc, Outcome, free_port, load_client
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -79,42 +77,11 @@ def test_second_dvc_repro_stops_at_once_and_the_first_finishes(
     assert len(history) == 1 + 12
 
 
-@dataclass
-class Outcome:
-    began: float  # time.monotonic() when the request was sent
-    ended: float
-    result: int | str  # the HTTP status, or the transport error's class name
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _load(url: str, stop: threading.Event, outcomes: list[Outcome]) -> None:
-    """One client on one keep-alive connection: requests back to back until ``stop``, the
-    server refuses it, 200 requests or 60 s, whichever comes first."""
-    deadline = time.monotonic() + 60
-    with httpx.Client(timeout=20, limits=httpx.Limits(max_connections=1)) as client:
-        for seed in range(200):
-            if stop.is_set() or time.monotonic() > deadline:
-                return
-            began = time.monotonic()
-            try:
-                result: int | str = client.get(url, params={"n": 256, "seed": seed}).status_code
-            except httpx.TransportError as error:
-                result = type(error).__name__
-            outcomes.append(Outcome(began, time.monotonic(), result))
-            if isinstance(result, str):
-                return  # refused or closed: the server is going
-
-
 def test_sigterm_under_load_drains_and_refuses_cleanly(onnx_generators: dict[str, Path]) -> None:
     """SIGTERM to a real server busy with 32 concurrent connections (batching on): the
     requests it had accepted end 200, new connections are refused, no 5xx, and it exits
     within its grace period (timeout_graceful_shutdown=10 s)."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "pipeline.serve", "--port", str(port),
                "--model", str(onnx_generators["unconditional"])]  # fmt: skip
@@ -124,7 +91,9 @@ def test_sigterm_under_load_drains_and_refuses_cleanly(onnx_generators: dict[str
     )
     stop, outcomes = threading.Event(), list[Outcome]()
     clients = [
-        threading.Thread(target=_load, args=(f"{url}/generate", stop, outcomes), daemon=True)
+        threading.Thread(
+            target=load_client, args=(f"{url}/generate", stop, outcomes, {"n": 256}), daemon=True
+        )
         for _ in range(32)
     ]
     try:

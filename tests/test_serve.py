@@ -9,7 +9,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,8 @@ from PIL import Image
 
 from pipeline.inference.generator import Generator, encode_png
 from pipeline.serve.app import Settings, create_app
+
+from helpers import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -259,12 +260,6 @@ class Server:
                     return record
             time.sleep(0.05)
         pytest.fail(f"no log record with {fields}:\n{self.log.read_text()[-3000:]}")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @contextlib.contextmanager

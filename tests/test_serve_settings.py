@@ -53,6 +53,7 @@ def test_invalid_settings_are_named(name: str, value: str, monkeypatch: pytest.M
         ("MNIST_GAN_BATCHING", "maybe", "true | false"),
         ("MNIST_GAN_BATCH_DELAY_MS", "-1", "a number from 0 to 1000"),
         ("MNIST_GAN_MAX_BATCH", "0", "an integer from 1 to 4096"),
+        ("MNIST_GAN_READ_TIMEOUT_S", "0", "a number from 1 to 3600"),
     ],
 )
 def test_batching_settings_say_what_is_allowed(

@@ -18,13 +18,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from service import Load, Service, pixels, variant, wait_for
+from service import Load, Service, pixels, variant
 
 from pipeline.inference.generator import Generator
 from pipeline.tracking import runs
 from pipeline.tracking.registry import promote, rollback
 
-from helpers import evaluated_run, free_port, wait_ready
+from helpers import evaluated_run, free_port, wait_for, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +48,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> runs.Store:
     """The embedded SQLite store, or the team's tracking server (PostgreSQL)."""
     if request.param == "sqlite":
         return runs.Store(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path)
-    server = request.getfixturevalue("tracking_server")
+    server = request.getfixturevalue("server")
     return runs.Store(server.uri, tmp_path)
 
 
@@ -87,26 +87,26 @@ def test_alias_swap_and_rollback_under_load_drop_nothing(
         expected = {path: Generator(path).generate(4, seed=7) for path in (first, second)}
         np.testing.assert_allclose(pixels(service.url), expected[first], atol=1e-6)
         outcomes = load.start(service.url)
-        wait_for(lambda: len(outcomes) > 64, "load started")
+        wait_for(lambda: len(outcomes) > 64, 90, "load started")
 
         promote(store, name, EXPERIMENT, ids["exp-b"])
         service.process.send_signal(signal.SIGHUP)
-        wait_for(lambda: service.version() == "2", "swap to version 2")
+        wait_for(lambda: service.version() == "2", 90, "swap to version 2")
         np.testing.assert_allclose(pixels(service.url), expected[second], atol=1e-6)
         before = len(outcomes)
-        wait_for(lambda: len(outcomes) > before + 64, "load after the swap")
+        wait_for(lambda: len(outcomes) > before + 64, 90, "load after the swap")
 
         rollback(store, name)
         service.process.send_signal(signal.SIGHUP)
-        wait_for(lambda: service.version() == "1", "rollback to version 1")
+        wait_for(lambda: service.version() == "1", 90, "rollback to version 1")
         np.testing.assert_allclose(pixels(service.url), expected[first], atol=1e-6)
 
         promote(store, name, EXPERIMENT, ids["exp-c"], force=True)  # version 3: unconditional
         service.process.send_signal(signal.SIGHUP)
-        wait_for(lambda: "refused" in service.text(), "the refusal")
+        wait_for(lambda: "refused" in service.text(), 90, "the refusal")
         assert service.version() == "1"
         before = len(outcomes)
-        wait_for(lambda: len(outcomes) > before + 64, "load after the refusal")
+        wait_for(lambda: len(outcomes) > before + 64, 90, "load after the refusal")
         statuses = load.stop()
     finally:
         service.stop()
@@ -134,13 +134,13 @@ def test_a_file_is_reloaded_on_a_timer_and_a_broken_one_refused(
         assert service.metadata()["registry"] is None
         expected = Generator(second).generate(4, seed=7)
         outcomes = load.start(service.url)
-        wait_for(lambda: len(outcomes) > 64, "load started")
+        wait_for(lambda: len(outcomes) > 64, 90, "load started")
         shutil.copy(second, tmp_path / "next.onnx")
         (tmp_path / "next.onnx").replace(served)
-        wait_for(lambda: np.allclose(pixels(service.url), expected, atol=1e-6), "the new file")
+        wait_for(lambda: np.allclose(pixels(service.url), expected, atol=1e-6), 90, "new file")
         (tmp_path / "broken.onnx").write_bytes(served.read_bytes()[:1000])
         (tmp_path / "broken.onnx").replace(served)
-        wait_for(lambda: "refused" in service.text(), "the refusal")
+        wait_for(lambda: "refused" in service.text(), 90, "the refusal")
         np.testing.assert_allclose(pixels(service.url), expected, atol=1e-6)
         statuses = load.stop()
     finally:

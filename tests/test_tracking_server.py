@@ -8,7 +8,6 @@ import csv
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -18,41 +17,17 @@ from urllib.parse import quote
 
 import mlflow
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
 from pipeline.core.errors import UserError
-from pipeline.core.params import apply_overrides
 from pipeline.experiments import compare, ui
-from pipeline.experiments.presets import load_preset
 from pipeline.tracking import run_logger, runs
 from pipeline.tracking.server import TrackingServer
 
-from helpers import REPO, Dvc, stage_args
+from helpers import REPO, Dvc, free_port, stage_args, tracking_env, train_stage, wait_for
 
 # One PostgreSQL + MLflow server per session: every test here on the same pytest-xdist worker.
 pytestmark = pytest.mark.xdist_group("tracking_server")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture(scope="session")
-def server(tracking_server: TrackingServer) -> TrackingServer:
-    return tracking_server
-
-
-def _stage_env(server: TrackingServer, **extra: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": server.uri,
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-        "PYTHONPATH": str(REPO),
-        **extra,
-    }
 
 
 def test_wrong_tracking_uris_fail_first_with_one_line(
@@ -60,12 +35,12 @@ def test_wrong_tracking_uris_fail_first_with_one_line(
 ) -> None:
     """Refused connection (the real train stage, before TensorFlow), a Host header the
     server does not allow (403), and a scheme that is no store at all."""
-    closed = f"http://127.0.0.1:{_free_port()}"
+    closed = f"http://127.0.0.1:{free_port()}"
     began = time.monotonic()
     result = subprocess.run(
         [sys.executable, "-m", "stages.train",
          *stage_args("train", tmp_path, params=REPO / "params.yaml", data=tmp_path / "none")],
-        env={**_stage_env(server), "MLFLOW_TRACKING_URI": closed},
+        env={**tracking_env(server.uri), "MLFLOW_TRACKING_URI": closed},
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     seconds = time.monotonic() - began
@@ -112,7 +87,7 @@ def test_run_logger_names_what_a_gone_server_never_got(server: TrackingServer) -
     """Past the wait bound, what is still queued is named in one error, not silently lost."""
     client = MlflowClient(server.uri)
     run = client.create_run(client.create_experiment(f"gone-{time.time_ns()}"))
-    closed = f"http://127.0.0.1:{_free_port()}"  # the server's address once it is gone
+    closed = f"http://127.0.0.1:{free_port()}"  # the server's address once it is gone
     mlflow.set_tracking_uri(closed)
     began = time.monotonic()
     logger = run_logger.RunLogger(run, closed, wait_s=2)  # type: ignore[arg-type]
@@ -128,13 +103,6 @@ def test_run_logger_names_what_a_gone_server_never_got(server: TrackingServer) -
     )
 
 
-def _wait_for(predicate: Any, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out after {seconds} s waiting for {what}"
-        time.sleep(0.5)
-
-
 @pytest.mark.slow
 def test_training_outlives_a_server_restart(
     server: TrackingServer, raw_params: dict[str, Any], mnist_dir: Path, tmp_path: Path
@@ -142,41 +110,18 @@ def test_training_outlives_a_server_restart(
     """The MLflow server goes away after the first epoch and comes back while the train stage
     runs: training neither dies nor waits, and the run ends FINISHED with every epoch."""
     epochs = 60  # ~0.2 s each: training outlasts a server restart on a quiet machine
-    params = apply_overrides(raw_params, {**load_preset("smoke"), "train.epochs": epochs})
-    params["mlflow"]["experiment"] = experiment = f"restart-{time.time_ns()}"
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    log_path = tmp_path / "train.log"
-    paths = stage_args("train", tmp_path, params=tmp_path / "params.yaml", data=mnist_dir)
-    command = [sys.executable, "-m", "stages.train", *paths]
-    with log_path.open("w") as log:
-        stage = subprocess.Popen(
-            command,
-            cwd=tmp_path,
-            # a busy machine may take minutes to restart the server: wait for it that long
-            env=_stage_env(server, MNIST_GAN_TRACKING_WAIT_S="400"),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        client = MlflowClient(server.uri)
-
-        def first_epoch_logged() -> bool:
-            found = client.get_experiment_by_name(experiment)
-            runs = client.search_runs([found.experiment_id]) if found else []
-            return bool(runs and "d_loss" in runs[0].data.metrics)
-
-        _wait_for(first_epoch_logged, 240, "the first epoch in the server")
+    client = MlflowClient(server.uri)
+    # a busy machine may take minutes to restart the server: wait for it that long
+    with train_stage(server.uri, raw_params, mnist_dir, tmp_path, epochs, wait_s=400) as stage:
+        wait_for(stage.first_epoch_logged, 240, "the first epoch in the server")
         server.stop_mlflow()
         time.sleep(3)
         server.start_mlflow()
         back = time.monotonic()
-        stage.wait(timeout=300)
+        stage.proc.wait(timeout=300)
         after_back = time.monotonic() - back
-    finally:
-        if stage.poll() is None:
-            stage.kill()
-    output = log_path.read_text()
-    assert stage.returncode == 0, output
+    output = stage.output
+    assert stage.proc.returncode == 0, output
     assert re.search(r"unreachable \(\w+\); buffering", output)  # the outage hit a log call
     # A stall would be MLflow's own retries, ~4 minutes; a loaded machine needs some slack.
     assert after_back < 180, after_back

@@ -223,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         access_log=False,  # ours: AccessLog, structured
         server_header=False,
         timeout_graceful_shutdown=10,  # SIGTERM: finish in-flight requests, then exit
+        http="pipeline.serve.protocol:ReadTimeoutProtocol",  # slow clients: read_timeout_s
     )
 
 

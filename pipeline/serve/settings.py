@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     # Processes, each with its own copy of the model and its own concurrency limit; one
     # event loop saturates one core, so more workers scale the n=1 rate with the cores.
     workers: int = Field(1, ge=1, le=64)
+    # Seconds a client has to send a whole request, from connecting or from its first byte
+    # (pipeline/serve/protocol.py): slower or idle sockets are closed, not held forever.
+    read_timeout_s: float = Field(30.0, ge=1, le=3600)
     log_level: LogLevel = "INFO"
 
     @field_validator("model_uri")

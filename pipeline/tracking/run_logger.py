@@ -5,6 +5,14 @@ logging drops the batch after that (both measured against a refused port): neith
 training ride out a server restart. :class:`RunLogger` sends from a background thread,
 keeps what it could not send in memory while the server is away, and says exactly what never
 arrived when the server stays away past a bound.
+
+The web process is not the only part that goes away: with its database down, ``mlflow
+server`` still answers ``/health`` 200 but every run call 503 (``TEMPORARILY_UNAVAILABLE``,
+psycopg2's ``OperationalError``, within milliseconds; measured on PostgreSQL 15). So the
+logger waits on a call that reads the run, not on ``/health``. A resent batch is the same
+``Metric`` objects (same timestamp): MLflow's store keys metrics on key, timestamp, step and
+value and skips rows it already holds, so a batch the server committed but could not answer
+is stored once.
 """
 
 from __future__ import annotations
@@ -36,13 +44,29 @@ class ServerGoneError(UserError):
     outputs, but some of what it logs never reached the run."""
 
 
-def _healthy(uri: str) -> bool:
+def outage(uri: str, run_id: str) -> str | None:
+    """Why the tracking server at ``uri`` cannot take run ``run_id``'s logs now ("unreachable",
+    or what it answers when its database is down), or None when it can."""
     if urlsplit(uri).scheme not in SERVER_SCHEMES:
-        return True
+        return None
+    base = uri.rstrip("/")
     try:
-        return requests.get(f"{uri.rstrip('/')}/health", timeout=2).status_code == 200
+        if requests.get(f"{base}/health", timeout=2).status_code != 200:
+            return "unreachable"
+        # reads the run from the database: /health answers 200 without touching it
+        answer = requests.get(f"{base}/api/2.0/mlflow/runs/get?run_id={run_id}", timeout=10)
     except requests.RequestException:
-        return False
+        return "unreachable"
+    if answer.status_code < 500:
+        return None
+    try:
+        said = str(answer.json().get("message", ""))
+    except ValueError:
+        said = answer.text
+    said = (said.strip().splitlines() or [""])[0][:200]  # psycopg2's first line says it
+    if answer.status_code == 503:
+        return f"answers but its database is unavailable (HTTP 503: {said})"
+    return f"answers HTTP {answer.status_code} ({said})"
 
 
 @contextlib.contextmanager
@@ -94,6 +118,7 @@ class RunLogger:
         self._wake = threading.Condition()
         self._closing = False
         self.outage_s = 0.0  # total seconds the worker spent waiting for the server
+        self.reason = "unreachable"  # what the last outage was, for the error past the bound
         self._thread = threading.Thread(target=self._work, name="mlflow-logger", daemon=True)
 
     def __enter__(self) -> RunLogger:
@@ -132,9 +157,9 @@ class RunLogger:
                     self._client.log_batch(self.run.info.run_id, metrics=metrics)
                 else:
                     self._client.log_artifact(self.run.info.run_id, *value)
-            except Exception as exc:  # the server is away: wait for it, keep the entries
+            except Exception as exc:  # the server (or its database) is away: keep the entries
                 self._wait_for_server(type(exc).__name__)
-                continue
+                continue  # resend the same entries: see the module's note on duplicates
             with self._wake:
                 for entry in taken:
                     self._pending.remove(entry)
@@ -153,10 +178,17 @@ class RunLogger:
             taken.append(entry)
         return taken or [self._pending[0]]
 
-    def _wait_for_server(self, reason: str) -> None:
-        log.warning("MLflow server %s unreachable (%s); buffering", self.uri, reason)
+    def _wait_for_server(self, error: str) -> None:
+        """Until a call that reads the run succeeds, polled once a second (a request that
+        fails for another reason is retried once a second too, never in a hot loop)."""
         began = time.monotonic()
-        while not _healthy(self.uri):
+        reason = outage(self.uri, self.run.info.run_id)
+        self.reason = reason or self.reason
+        said = {None: f"refused a request ({error})", "unreachable": f"unreachable ({error})"}
+        log.warning("MLflow server %s %s; buffering", self.uri, said.get(reason, reason))
+        time.sleep(1)
+        while (reason := outage(self.uri, self.run.info.run_id)) is not None:
+            self.reason = reason
             time.sleep(1)
         self.outage_s += time.monotonic() - began
         log.info("MLflow server %s back after %.1f s", self.uri, time.monotonic() - began)
@@ -172,7 +204,7 @@ class RunLogger:
         self._retries.__exit__(None, None, None)
         if left and exc_type is None:
             raise ServerGoneError(
-                f"MLflow server {self.uri} unreachable for over {self.wait_s:.0f} s "
+                f"MLflow server {self.uri} {self.reason} for over {self.wait_s:.0f} s "
                 f"(MNIST_GAN_TRACKING_WAIT_S): not logged to run {self.run.info.run_id}: "
                 f"{_describe(left)}; models, checkpoints and reports are written"
             )

@@ -165,7 +165,8 @@ def check_server(uri: str, *, run_file: Path | None = None) -> None:
     """Fail in the first seconds, with one line, when the tracking URI (the one in
     ``run_file`` if that exists, else ``uri``) cannot be
     used: an unknown scheme, a server that refuses the connection or answers with an error
-    (403: its ``--allowed-hosts`` lacks this host name). Stages call it before any work."""
+    (403: its ``--allowed-hosts`` lacks this host name; 503: its database is down). Stages
+    call it before any work."""
     name = "MLFLOW_TRACKING_URI"  # what the user fixes, named in every message
     if uri is None and run_file is not None and Path(run_file).is_file():
         uri, name = (
@@ -194,6 +195,9 @@ def check_server(uri: str, *, run_file: Path | None = None) -> None:
             f"{name}: {uri} answered 403 Forbidden: the server does not allow "
             f"the host name {urlsplit(uri).hostname!r} (add it to its --allowed-hosts)"
         )
+    if response.status_code == 503:  # what `mlflow server` answers while its database is down
+        why = run_logger.outage(uri, "0") or "answered HTTP 503"
+        raise UserError(f"{name}: the MLflow server at {uri} {why}; rerun once it is back")
     if response.status_code != 200:
         raise UserError(
             f"{name}: {uri} answered HTTP {response.status_code} to an MLflow "
