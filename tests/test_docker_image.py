@@ -103,11 +103,12 @@ def test_has_no_shell_nor_tensorflow(container: str) -> None:
 
 def test_answers_match_this_checkout(container: str, tmp_path: Path) -> None:
     """Same request, same bytes: the image's trimmed numpy, onnxruntime and Pillow behave as
-    the checkout's environment does (PNG encoding included)."""
+    the checkout's environment does (PNG encoding included), and /metadata says what the
+    image holds (a baked registry version: its name, version, alias, run)."""
     name, url = container.split()
     docker("cp", f"{name}:/models/generator.onnx", str(tmp_path / "generator.onnx"))
     with TestClient(create_app(Settings(model=tmp_path / "generator.onnx"))) as local:
-        for query in ("n=16&seed=1", "n=3&seed=7&format=json"):
-            with urllib.request.urlopen(f"{url}/generate?{query}", timeout=10) as response:
+        for query in ("generate?n=16&seed=1", "generate?n=3&seed=7&format=json", "metadata"):
+            with urllib.request.urlopen(f"{url}/{query}", timeout=10) as response:
                 served = response.read()
-            assert served == local.get(f"/generate?{query}").content, query
+            assert served == local.get(f"/{query}").content, query
