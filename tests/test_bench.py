@@ -82,7 +82,9 @@ def test_the_roofline_stream_keeps_one_core_busy(mnist_dir: Path) -> None:
     args = argparse.Namespace(data=mnist_dir, images=256, epochs=1)
     gemms = measure(args, "--net", "default", "--worker", "roofline", "--threads", "1",
                     "--dtype", "float32")  # fmt: skip
-    assert 0.5 < gemms["cores_busy"] < 1.2
+    # The fault was twice a core (~2). Below one core is what a loaded machine gives a single
+    # stream (0.49 seen beside a second test run); the lower bound says only that it ran.
+    assert 0.2 < gemms["cores_busy"] < 1.2
 
 
 def test_the_latency_benchmarks_reference_graph_scales_on_4d(
