@@ -26,6 +26,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from pipeline.core.errors import UserError
+from pipeline.tracking.credentials import tracking_verify
 
 log = logging.getLogger("tracking")
 SERVER_SCHEMES = {"http", "https"}  # tracking servers; other schemes are stores MLflow opens
@@ -40,7 +41,9 @@ def _healthy(uri: str) -> bool:
     if urlsplit(uri).scheme not in SERVER_SCHEMES:
         return True
     try:
-        return requests.get(f"{uri.rstrip('/')}/health", timeout=2).status_code == 200
+        # /health needs no account; over TLS it is checked against the client's certificate
+        answer = requests.get(f"{uri.rstrip('/')}/health", timeout=2, verify=tracking_verify())
+        return answer.status_code == 200
     except requests.RequestException:
         return False
 
