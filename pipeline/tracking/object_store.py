@@ -6,8 +6,9 @@ and the DVC remote (bucket ``dvc``).
 
 The access keys are ``$AWS_ACCESS_KEY_ID``/``$AWS_SECRET_ACCESS_KEY`` (or ``..._FILE``):
 what the MLflow server and DVC read too. They reach rclone through its environment, never
-its command line (which any user of the host can list). With ``$TRACKING_CERT``/``KEY`` set,
-or ``--tls``, it serves HTTPS with the team server's certificate.
+its command line (which any user of the host can list). It serves HTTPS only, with the team
+server's certificate (``$TRACKING_CERT``/``$TRACKING_KEY``, else the one made in
+``--cert-dir``, the team server's too).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from pipeline.core import stage
 from pipeline.tracking import credentials, tls
-from pipeline.tracking.server import ServerError, stop_group, wait_healthy
+from pipeline.tracking.server import DEFAULT_STATE, ServerError, stop_group, wait_healthy
 
 BUCKETS = ("mlflow", "dvc")
 DEFAULT_FOLDER = Path(__file__).resolve().parents[2] / ".objects"
@@ -105,12 +106,10 @@ def main() -> None:
     parser.add_argument("--folder", type=Path, default=DEFAULT_FOLDER)
     parser.add_argument("--host", default=os.environ.get("TRACKING_HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("OBJECT_STORE_PORT", 9000)))
-    parser.add_argument("--tls", action="store_true", help="HTTPS with the team certificate")
+    parser.add_argument("--cert-dir", type=Path, default=DEFAULT_STATE / "tls")
     args = parser.parse_args()
     keys = keys_from_env()
-    cert = None
-    if args.tls or os.environ.get(tls.CERT):
-        cert = tls.server_certificate(args.host, args.folder / "tls")
+    cert = tls.server_certificate(args.host, args.cert_dir)
     store = ObjectStore(args.folder, keys, args.host, args.port, cert)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
