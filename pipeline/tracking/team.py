@@ -66,6 +66,10 @@ class TeamServer(TrackingServer):
             f"database_uri = {auth_uri}\n"
             "admin_username = admin\n"
             "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            # A password check is a PBKDF2 hash, per request: remembered for a minute it costs
+            # the server a fraction of the CPU. A changed or deleted password may then work
+            # for up to a minute more on the workers that did not handle the change.
+            "auth_cache_ttl_seconds = 60\n"
         )
         return path
 
@@ -78,7 +82,9 @@ class TeamServer(TrackingServer):
             "--app-name", "basic-auth",
             # clients may name the server by the operator's address, with or without the port
             "--allowed-hosts", f"{self.host},{self.host}:{self.port},localhost,127.0.0.1",
-            "--uvicorn-opts", f"--ssl-certfile {cert} --ssl-keyfile {key}",
+            # a client's kept-alive connection must not hold a stop for long
+            "--uvicorn-opts",
+            f"--ssl-certfile {cert} --ssl-keyfile {key} --timeout-graceful-shutdown 5",
         ]  # fmt: skip
 
     def mlflow_env(self) -> dict[str, str]:
