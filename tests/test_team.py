@@ -31,7 +31,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.core.errors import UserError
 from pipeline.core.params import Params, apply_overrides
 from pipeline.experiments.presets import load_preset
-from pipeline.tracking import runs, tls
+from pipeline.tracking import credentials, runs, tls
 from pipeline.tracking.object_store import ObjectStore
 from pipeline.tracking.server import PG_BIN
 from pipeline.tracking.team import AUTH_DATABASE, TeamServer
@@ -154,8 +154,43 @@ def test_team_server_refuses_stock_or_missing_secrets_in_one_line(tmp_path: Path
         )
         assert done.returncode == 1 and done.stderr.strip().endswith(line), done.stderr
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
-        assert "password1234" not in line or "password1234" not in done.stderr
+        assert change["MLFLOW_AUTH_ADMIN_PASSWORD"] not in done.stdout + done.stderr
     assert not (tmp_path / "pg").exists()  # refused before anything started
+
+
+def test_secrets_come_from_the_environment_or_a_named_file(tmp_path: Path) -> None:
+    secret = tmp_path / "admin.pw"
+    secret.write_text("from-a-file-123\n")
+    name = credentials.ADMIN_PASSWORD
+    assert credentials.read_secret(name, {name: "from-env-1234"}) == "from-env-1234"
+    assert credentials.read_secret(name, {f"{name}_FILE": str(secret)}) == "from-a-file-123"
+    assert credentials.read_secret(name, {}) is None
+    with pytest.raises(UserError, match=rf"^{name}_FILE: cannot read '/nope' \(No such file"):
+        credentials.read_secret(name, {f"{name}_FILE": "/nope"})
+    with pytest.raises(UserError, match=rf"^{name}: 5 characters; MLflow accounts need at least"):
+        credentials.check_password(name, "short")
+    env = {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD_FILE": str(secret)}
+    assert credentials.tracking_auth(env) == ("alice", "from-a-file-123")
+    assert credentials.tracking_verify({}) is True
+
+
+def test_certificates_made_or_named(tmp_path: Path) -> None:
+    """A made certificate names the host's IP (what clients verify); an operator's pair must
+    be complete and exist, else one line."""
+    from cryptography import x509
+
+    cert, key = tls.make_certificate("198.18.0.1", tmp_path / "tls")
+    names = x509.load_pem_x509_certificate(cert.read_bytes()).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    )
+    assert {str(ip) for ip in names.value.get_values_for_type(x509.IPAddress)} >= {"198.18.0.1"}
+    assert key.stat().st_mode & 0o077 == 0  # the key: its owner's only
+    operator = {"TRACKING_CERT": str(cert), "TRACKING_KEY": str(key)}
+    assert tls.server_certificate("h", tmp_path, operator) == (cert, key)
+    with pytest.raises(UserError, match=r"^TRACKING_KEY: got None; set TRACKING_CERT and"):
+        tls.server_certificate("h", tmp_path, {"TRACKING_CERT": str(cert)})
+    with pytest.raises(UserError, match=r"^ENDPOINT: got 'ftp://x'; use https://HOST:PORT"):
+        switch(tmp_path, "ftp://x", None)
 
 
 def test_accounts_over_tls_between_hosts(team: Team, monkeypatch: pytest.MonkeyPatch) -> None:
