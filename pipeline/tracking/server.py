@@ -272,18 +272,26 @@ def main() -> None:
         print(f"tracking server in {server.state} stopped")
         return
 
+    run_foreground(
+        server,
+        f"MLflow tracking server up: PostgreSQL in {server.pg_dir}, artifacts in "
+        f"{server.state / 'artifacts'}, logs in {server.logs}. Point clients at it:\n\n"
+        f"    export MLFLOW_TRACKING_URI={server.uri}\n\n"
+        "Ctrl-C or `make tracking-server-stop` stops it; the data stays for the next start.",
+    )
+    print("tracking server stopped; its data stays in", server.state)
+
+
+def run_foreground(server: TrackingServer, banner: str) -> None:
+    """Start ``server``, print ``banner``, and wait until its MLflow exits, Ctrl-C or SIGTERM
+    (what ``stop`` sends, to the pid in ``run.pid``); both parts are stopped either way. A
+    start that fails is one line on stderr and exit status 1."""
     signal.signal(signal.SIGTERM, _interrupt)  # `stop` ends the wait below like Ctrl-C does
-    (server.state).mkdir(parents=True, exist_ok=True)
+    server.state.mkdir(parents=True, exist_ok=True)
     (server.state / "run.pid").write_text(str(os.getpid()))
     try:
         server.start()
-        print(
-            f"MLflow tracking server up: PostgreSQL in {server.pg_dir}, artifacts in "
-            f"{server.state / 'artifacts'}, logs in {server.logs}. Point clients at it:\n\n"
-            f"    export MLFLOW_TRACKING_URI={server.uri}\n\n"
-            "Ctrl-C or `make tracking-server-stop` stops it; the data stays for the next start.",
-            flush=True,
-        )
+        print(banner, flush=True)
         while server.mlflow_proc is not None and server.mlflow_proc.poll() is None:
             time.sleep(1)
         print(f"mlflow server exited; see {server.logs / 'mlflow.log'}", file=sys.stderr)
@@ -295,7 +303,6 @@ def main() -> None:
     finally:
         server.stop()
         (server.state / "run.pid").unlink(missing_ok=True)
-    print("tracking server stopped; its data stays in", server.state)
 
 
 if __name__ == "__main__":

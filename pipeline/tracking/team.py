@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import sys
-import time
 from pathlib import Path
 
 from pipeline.core import stage
 from pipeline.tracking import credentials, tls
-from pipeline.tracking.server import DATABASE, DEFAULT_STATE, PG_BIN, ServerError, TrackingServer
+from pipeline.tracking.object_store import keys_from_env
+from pipeline.tracking.server import (
+    DATABASE,
+    DEFAULT_STATE,
+    PG_BIN,
+    TrackingServer,
+    run_foreground,
+)
 
 AUTH_DATABASE = "mlflow_auth"
 ARTIFACTS = "s3://mlflow/artifacts"
@@ -131,35 +135,18 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     secrets = secrets_from_env()  # everything checked before anything starts
-    from pipeline.tracking.object_store import keys_from_env
-
     keys = keys_from_env()
     cert = tls.server_certificate(args.host, args.state / "tls")
     s3 = args.s3 or f"https://{args.host}:{os.environ.get('OBJECT_STORE_PORT', 9000)}"
     server = TeamServer(args.state, args.host, args.port, secrets, (s3, keys), cert, args.workers)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    server.state.mkdir(parents=True, exist_ok=True)
-    (server.state / "run.pid").write_text(str(os.getpid()))
-    try:
-        server.start()
-        print(
-            f"Team MLflow server up (accounts, TLS, artifacts in {s3}). Give teammates the "
-            f"certificate {cert[0]}, an account (python -m pipeline.tracking.accounts add NAME) "
-            f"and:\n\n    export MLFLOW_TRACKING_URI={server.uri}\n"
-            f"    export MLFLOW_TRACKING_SERVER_CERT_PATH=/path/to/{cert[0].name}\n",
-            flush=True,
-        )
-        while server.mlflow_proc is not None and server.mlflow_proc.poll() is None:
-            time.sleep(1)
-        print(f"mlflow server exited; see {server.logs / 'mlflow.log'}", file=sys.stderr)
-    except KeyboardInterrupt:
-        pass
-    except ServerError as error:
-        print(f"team server: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
-    finally:
-        server.stop()
-        (server.state / "run.pid").unlink(missing_ok=True)
+    run_foreground(
+        server,
+        f"Team MLflow server up (accounts, TLS, artifacts in {s3}). Give teammates the "
+        f"certificate {cert[0]}, an account (python -m pipeline.tracking.accounts add NAME) "
+        f"and:\n\n    export MLFLOW_TRACKING_URI={server.uri}\n"
+        f"    export MLFLOW_TRACKING_SERVER_CERT_PATH=/path/to/{cert[0].name}\n\n"
+        "Ctrl-C or `make tracking-server-stop` stops it; the data stays for the next start.",
+    )
 
 
 if __name__ == "__main__":
