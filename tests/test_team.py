@@ -155,6 +155,14 @@ def test_team_server_refuses_stock_or_missing_secrets_in_one_line(tmp_path: Path
         assert done.returncode == 1 and done.stderr.strip().endswith(line), done.stderr
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
         assert change["MLFLOW_AUTH_ADMIN_PASSWORD"] not in done.stdout + done.stderr
+    wildcard = subprocess.run(
+        [*command, "--host", "0.0.0.0"], capture_output=True, text=True, timeout=120,
+        env={**env, "MLFLOW_AUTH_ADMIN_PASSWORD": "long-enough-pw"},
+    )  # fmt: skip
+    assert wildcard.stderr.strip().endswith(
+        "TRACKING_HOST: got '0.0.0.0'; name the address teammates reach (it goes into the "
+        "certificate and the Host names the server allows)"
+    ), wildcard.stderr
     assert not (tmp_path / "pg").exists()  # refused before anything started
 
 

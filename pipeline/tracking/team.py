@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from pipeline.core import stage
+from pipeline.core.errors import UserError
 from pipeline.tracking import credentials, tls
 from pipeline.tracking.object_store import keys_from_env
 from pipeline.tracking.server import (
@@ -128,12 +129,17 @@ def main() -> None:
     parser.add_argument("action", choices=["run"])
     parser.add_argument("--state", type=Path, default=DEFAULT_STATE)
     parser.add_argument("--host", default=os.environ.get("TRACKING_HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("TRACKING_PORT", 5443)))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("TEAM_PORT", 5443)))
     parser.add_argument(
         "--s3", default=os.environ.get("MLFLOW_S3_ENDPOINT_URL"), help="the object store"
     )
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
+    if args.host in ("0.0.0.0", "::", ""):
+        raise UserError(
+            f"TRACKING_HOST: got {args.host!r}; name the address teammates reach (it goes into "
+            "the certificate and the Host names the server allows)"
+        )
     secrets = secrets_from_env()  # everything checked before anything starts
     keys = keys_from_env()
     cert = tls.server_certificate(args.host, args.state / "tls")
