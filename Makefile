@@ -177,7 +177,7 @@ docker-check: requirements/serve.txt
 requirements/serve.txt: uv.lock | $(UV)
 	$(UV) export --frozen --extra serve --no-dev --no-hashes --no-emit-project -o $@
 
-.PHONY: tracking-server tracking-server-stop
+.PHONY: tracking-server tracking-server-stop team-server object-store team-remote
 
 # A team MLflow server: PostgreSQL (unix socket under TRACKING_STATE, no TCP, no password) and
 # `mlflow server` on 127.0.0.1:TRACKING_PORT with artifacts it serves itself. Runs in the
@@ -190,3 +190,26 @@ tracking-server: setup
 
 tracking-server-stop: setup
 	python -m pipeline.tracking.server stop --state $(TRACKING_STATE)
+
+# A team across machines (docs/team.md, "A team across machines"): the tracking server with
+# accounts, HTTPS only, on TRACKING_HOST (the address teammates reach), artifacts in the
+# object store; secrets from the environment: MLFLOW_AUTH_ADMIN_PASSWORD[_FILE],
+# MLFLOW_FLASK_SERVER_SECRET_KEY[_FILE], AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY[_FILE].
+# The certificate: TRACKING_CERT / TRACKING_KEY, else one made in $(TRACKING_STATE)/tls.
+#   make object-store &  make team-server       # on the server host
+#   make team-remote S3=https://HOST:9000 CERT=cert.pem   # on a teammate's clone (DVC)
+TRACKING_HOST ?= 127.0.0.1
+TEAM_PORT ?= 5443
+OBJECT_STORE ?= $(CURDIR)/.objects
+OBJECT_STORE_PORT ?= 9000
+team-server: setup
+	bash scripts/install_postgres.sh
+	python -m pipeline.tracking.team run --state $(TRACKING_STATE) --host $(TRACKING_HOST) \
+		--port $(TEAM_PORT) --s3 https://$(TRACKING_HOST):$(OBJECT_STORE_PORT)
+
+object-store: setup
+	python -m pipeline.tracking.object_store --folder $(OBJECT_STORE) --host $(TRACKING_HOST) \
+		--port $(OBJECT_STORE_PORT) --cert-dir $(TRACKING_STATE)/tls
+
+team-remote: setup
+	python -m pipeline.tracking.team_remote $(S3) $(if $(CERT),--cert $(CERT))

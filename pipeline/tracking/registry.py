@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.core import stage
 from pipeline.core.errors import UserError
 from pipeline.core.params import load_params
-from pipeline.tracking.runs import Store, fluent_uri, resolve_store
+from pipeline.tracking.runs import Store, experiment_name, fluent_uri, resolve_store
 
 CHAMPION, PREVIOUS = "champion", "previous"
 HEADLINE = ("fid", "recall", "precision", "conditional_accuracy")  # copied into version tags
@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     name = params.export.registered_model or DEFAULT_NAME
     store = resolve_store()  # once, passed down
     if args.command == "promote":
-        print(promote(store, name, params.mlflow.experiment, args.exp, args.force))
+        experiment = experiment_name(params.mlflow.experiment, store.uri)  # yours, with accounts
+        print(promote(store, name, experiment, args.exp, args.force))
     else:
         print(rollback(store, name))
 

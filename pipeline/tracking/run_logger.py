@@ -34,6 +34,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from pipeline.core.errors import UserError
+from pipeline.tracking.credentials import tracking_auth, tracking_verify
 
 log = logging.getLogger("tracking")
 SERVER_SCHEMES = {"http", "https"}  # tracking servers; other schemes are stores MLflow opens
@@ -51,10 +52,17 @@ def outage(uri: str, run_id: str) -> str | None:
         return None
     base = uri.rstrip("/")
     try:
-        if requests.get(f"{base}/health", timeout=2).status_code != 200:
+        # /health needs no account; over TLS it is checked against the client's certificate
+        verify = tracking_verify()
+        if requests.get(f"{base}/health", timeout=2, verify=verify).status_code != 200:
             return "unreachable"
         # reads the run from the database: /health answers 200 without touching it
-        answer = requests.get(f"{base}/api/2.0/mlflow/runs/get?run_id={run_id}", timeout=10)
+        answer = requests.get(
+            f"{base}/api/2.0/mlflow/runs/get?run_id={run_id}",
+            timeout=10,
+            auth=tracking_auth(),
+            verify=verify,
+        )
     except requests.RequestException:
         return "unreachable"
     if answer.status_code < 500:

@@ -29,7 +29,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.core.errors import UserError
-from pipeline.tracking import run_logger
+from pipeline.tracking import credentials, run_logger
 
 log = logging.getLogger("tracking")
 # Stores MLflow opens itself (paths, databases) and tracking servers (checked before any work).
@@ -89,6 +89,16 @@ def experiment_id(name: str, store: Store) -> str:
             return experiment.experiment_id
 
 
+def experiment_name(name: str, uri: str, environ: Mapping[str, str] = os.environ) -> str:
+    """``name``, or ``name/USER`` on a tracking server with accounts
+    (``$MLFLOW_TRACKING_USERNAME`` set): MLflow grants permissions per experiment, so each
+    teammate's runs go to their own, which the others read but cannot change (in one shared
+    experiment, everyone allowed to log could delete everyone's runs)."""
+    user = environ.get(credentials.USERNAME)
+    server = urlsplit(uri).scheme in run_logger.SERVER_SCHEMES
+    return f"{name}/{user}" if user and server else name
+
+
 @contextlib.contextmanager
 def start_run(
     store: Store, experiment: str, run_name: str, tags: dict[str, str], run_id: str | None = None
@@ -98,8 +108,11 @@ def start_run(
     if run_id is not None and _run_exists(uri, run_id):
         arguments: dict[str, Any] = {"run_id": run_id}
     else:
-        arguments = {"experiment_id": experiment_id(experiment, store), "run_name": run_name}
-        arguments["tags"] = tags
+        name = experiment_name(experiment, uri)
+        arguments = {"experiment_id": experiment_id(name, store), "run_name": run_name}
+        user = os.environ.get(credentials.USERNAME)
+        # the run's user is its account (MLflow would name the local login)
+        arguments["tags"] = {**tags, "mlflow.user": user} if name != experiment else tags
     with fluent_uri(uri), mlflow.start_run(**arguments) as run:
         try:
             yield run
@@ -163,10 +176,11 @@ def open_run(run_file: Path) -> Iterator[mlflow.ActiveRun]:
 
 def check_server(uri: str, *, run_file: Path | None = None) -> None:
     """Fail in the first seconds, with one line, when the tracking URI (the one in
-    ``run_file`` if that exists, else ``uri``) cannot be
-    used: an unknown scheme, a server that refuses the connection or answers with an error
-    (403: its ``--allowed-hosts`` lacks this host name; 503: its database is down). Stages
-    call it before any work."""
+    ``run_file`` if that exists, else ``uri``) cannot be used: an unknown scheme, a server
+    that refuses the connection, a certificate not trusted, a missing or wrong password (401),
+    a refusal (403: no permission, or its ``--allowed-hosts`` lacks this host name), its
+    database down (503) or another error. Each message names the variable to set. Stages call
+    it before any work."""
     name = "MLFLOW_TRACKING_URI"  # what the user fixes, named in every message
     if uri is None and run_file is not None and Path(run_file).is_file():
         uri, name = (
@@ -182,18 +196,44 @@ def check_server(uri: str, *, run_file: Path | None = None) -> None:
             "(make tracking-server), sqlite:///PATH, or unset it for the local mlflow.db"
         )
     probe = f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1"
-    try:
-        response = requests.get(probe, timeout=30)  # a busy server may take a while
+    auth = credentials.tracking_auth()
+    try:  # a busy server may take a while
+        response = requests.get(probe, timeout=30, auth=auth, verify=credentials.tracking_verify())
+    except requests.exceptions.SSLError:
+        cert = os.environ.get(credentials.CERT_PATH)
+        raise UserError(
+            f"{credentials.CERT_PATH}: the certificate of {uri} is not trusted (got "
+            f"{cert!r}); set it to the server's certificate file, from its operator"
+        ) from None
     except requests.RequestException as exc:
         reason = type(exc).__name__
         raise UserError(
             f"{name}: no MLflow server answers at {uri} ({reason}); start one "
             "(make tracking-server) or unset MLFLOW_TRACKING_URI for the local mlflow.db"
         ) from None
-    if response.status_code == 403:
+    _check_answer(response, uri, name, auth)
+
+
+def _check_answer(
+    response: requests.Response, uri: str, name: str, auth: tuple[str, str] | None
+) -> None:
+    accounts = f"{credentials.USERNAME}/{credentials.PASSWORD}"
+    if response.status_code == 401:
+        said = f"user {auth[0]!r}: wrong password" if auth else "none set"
+        raise UserError(
+            f"{accounts}: {uri} answered 401 Unauthorized ({said}); set them to your "
+            "account on that server (its operator creates one)"
+        )
+    if response.status_code == 403 and "host" in response.text.lower():
         raise UserError(
             f"{name}: {uri} answered 403 Forbidden: the server does not allow "
             f"the host name {urlsplit(uri).hostname!r} (add it to its --allowed-hosts)"
+        )
+    if response.status_code == 403:
+        user = auth[0] if auth else None
+        raise UserError(
+            f"{credentials.USERNAME}: {uri} answered 403 Forbidden to user {user!r}: "
+            "no permission; ask the server's operator for access, or use your own account"
         )
     if response.status_code == 503:  # what `mlflow server` answers while its database is down
         why = run_logger.outage(uri, "0") or "answered HTTP 503"

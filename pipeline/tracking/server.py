@@ -19,6 +19,7 @@ import contextlib
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -50,6 +51,7 @@ class TrackingServer:
         self.pg_dir = self.state / "pg"
         self.logs = self.state / "logs"
         self.mlflow_proc: subprocess.Popen[bytes] | None = None
+        self.cafile: Path | None = None  # the certificate /health is checked against (TLS)
 
     @property
     def uri(self) -> str:
@@ -125,19 +127,28 @@ class TrackingServer:
 
     # -- MLflow -----------------------------------------------------------------------------
 
-    def start_mlflow(self) -> None:
-        """Start ``mlflow server`` and wait (bounded) until ``/health`` answers."""
+    def mlflow_command(self) -> list[str]:
+        """The ``mlflow server`` command line (a team server adds accounts, TLS, S3)."""
         artifacts = self.state / "artifacts"
         artifacts.mkdir(parents=True, exist_ok=True)
-        self.logs.mkdir(parents=True, exist_ok=True)
-        log_path = self.logs / "mlflow.log"
         mlflow = Path(sys.executable).parent / "mlflow"
-        command = [
+        return [
             str(mlflow), "server",
             "--backend-store-uri", self.backend_uri,
             "--artifacts-destination", str(artifacts),
             "--host", self.host, "--port", str(self.port), "--workers", str(self.workers),
         ]  # fmt: skip
+
+    def mlflow_env(self) -> dict[str, str]:
+        """The server's environment: ours, without MLflow 3's server-side job runner (a dozen
+        huey consumers, for GenAI features: a core at start-up, nothing this pipeline logs)."""
+        return {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+    def start_mlflow(self) -> None:
+        """Start ``mlflow server`` and wait (bounded) until ``/health`` answers."""
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log_path = self.logs / "mlflow.log"
+        command = self.mlflow_command()
         with log_path.open("ab") as log:
             # its own process group: stopping it takes its uvicorn workers along
             self.mlflow_proc = subprocess.Popen(
@@ -145,13 +156,11 @@ class TrackingServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                # MLflow 3's server-side job runner (a dozen huey consumers, for GenAI
-                # features) costs a core at start-up and serves nothing this pipeline logs.
-                env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+                env=self.mlflow_env(),
             )
         (self.state / "mlflow.pid").write_text(str(self.mlflow_proc.pid))
         try:
-            wait_healthy(self.mlflow_proc, self.uri, "mlflow server")
+            wait_healthy(self.mlflow_proc, self.uri, "mlflow server", cafile=self.cafile)
         except ServerError as error:
             if self.mlflow_proc.poll() is None:
                 self.stop_mlflow()
@@ -160,11 +169,11 @@ class TrackingServer:
     def stop_mlflow(self) -> None:
         pid_file = self.state / "mlflow.pid"
         if self.mlflow_proc is not None:
-            _stop_group(self.mlflow_proc.pid, self.mlflow_proc)
+            stop_group(self.mlflow_proc.pid, self.mlflow_proc)
             self.mlflow_proc.wait(timeout=30)
             self.mlflow_proc = None
         elif pid_file.is_file():
-            _stop_group(int(pid_file.read_text()))
+            stop_group(int(pid_file.read_text()))
         pid_file.unlink(missing_ok=True)
 
     def start(self) -> None:
@@ -181,29 +190,40 @@ class TrackingServer:
 
 
 def wait_healthy(
-    proc: subprocess.Popen[bytes], uri: str, name: str, wait_s: float = HEALTH_WAIT_S
+    proc: subprocess.Popen[bytes],
+    uri: str,
+    name: str,
+    wait_s: float = HEALTH_WAIT_S,
+    cafile: Path | None = None,
+    path: str = "/health",
 ) -> None:
-    """Return once ``uri/health`` answers 200; :class:`ServerError` when ``proc`` exits
-    first or ``wait_s`` passes (polled every half second: bounded in count and time)."""
+    """Return once ``uri`` + ``path`` answers below 400; :class:`ServerError` when ``proc``
+    exits first or ``wait_s`` passes (polled every half second: bounded in count and time).
+    ``cafile``: the certificate an https server must present."""
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise ServerError(f"{name} exited ({proc.returncode})")
-        if healthy(uri):
+        if healthy(uri, cafile=cafile, path=path):
             return
         time.sleep(0.5)
     raise ServerError(f"{name} not healthy after {wait_s:.0f} s")
 
 
-def healthy(uri: str, timeout: float = 2.0) -> bool:
+def healthy(
+    uri: str, timeout: float = 2.0, cafile: Path | None = None, path: str = "/health"
+) -> bool:
+    context = ssl.create_default_context(cafile=str(cafile)) if cafile else None
     try:
-        with urllib.request.urlopen(f"{uri}/health", timeout=timeout) as response:
-            return response.status == 200
+        with urllib.request.urlopen(f"{uri}{path}", timeout=timeout, context=context) as answer:
+            return bool(answer.status < 400)
+    except urllib.error.HTTPError as error:  # an S3 store answers 403 to anonymous calls
+        return error.code < 500 and path != "/health"
     except (urllib.error.URLError, OSError):
         return False
 
 
-def _stop_group(pid: int, proc: subprocess.Popen[bytes] | None = None, wait_s: float = 20) -> None:
+def stop_group(pid: int, proc: subprocess.Popen[bytes] | None = None, wait_s: float = 20) -> None:
     """SIGTERM the process group, then SIGKILL it if its leader is still there after
     ``wait_s``. (Our own child is polled: an exited child stays a zombie until reaped.)"""
     with contextlib.suppress(ProcessLookupError):
@@ -252,18 +272,26 @@ def main() -> None:
         print(f"tracking server in {server.state} stopped")
         return
 
+    run_foreground(
+        server,
+        f"MLflow tracking server up: PostgreSQL in {server.pg_dir}, artifacts in "
+        f"{server.state / 'artifacts'}, logs in {server.logs}. Point clients at it:\n\n"
+        f"    export MLFLOW_TRACKING_URI={server.uri}\n\n"
+        "Ctrl-C or `make tracking-server-stop` stops it; the data stays for the next start.",
+    )
+    print("tracking server stopped; its data stays in", server.state)
+
+
+def run_foreground(server: TrackingServer, banner: str) -> None:
+    """Start ``server``, print ``banner``, and wait until its MLflow exits, Ctrl-C or SIGTERM
+    (what ``stop`` sends, to the pid in ``run.pid``); both parts are stopped either way. A
+    start that fails is one line on stderr and exit status 1."""
     signal.signal(signal.SIGTERM, _interrupt)  # `stop` ends the wait below like Ctrl-C does
-    (server.state).mkdir(parents=True, exist_ok=True)
+    server.state.mkdir(parents=True, exist_ok=True)
     (server.state / "run.pid").write_text(str(os.getpid()))
     try:
         server.start()
-        print(
-            f"MLflow tracking server up: PostgreSQL in {server.pg_dir}, artifacts in "
-            f"{server.state / 'artifacts'}, logs in {server.logs}. Point clients at it:\n\n"
-            f"    export MLFLOW_TRACKING_URI={server.uri}\n\n"
-            "Ctrl-C or `make tracking-server-stop` stops it; the data stays for the next start.",
-            flush=True,
-        )
+        print(banner, flush=True)
         while server.mlflow_proc is not None and server.mlflow_proc.poll() is None:
             time.sleep(1)
         print(f"mlflow server exited; see {server.logs / 'mlflow.log'}", file=sys.stderr)
@@ -275,7 +303,6 @@ def main() -> None:
     finally:
         server.stop()
         (server.state / "run.pid").unlink(missing_ok=True)
-    print("tracking server stopped; its data stays in", server.state)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,7 @@ BOOKKEEPING = (
     "core/errors.py",
     "tracking/runs.py",
     "tracking/run_logger.py",
+    "tracking/credentials.py",
     "core/files.py",
     "core/png.py",  # writes the sample grids' files
 )

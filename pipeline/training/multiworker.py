@@ -60,8 +60,14 @@ def free_ports(count: int) -> list[int]:
 
 
 def tf_config(ports: list[int], index: int) -> str:
-    """Worker ``index``'s $TF_CONFIG; worker 0 is the chief (no separate "chief" task)."""
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    """Worker ``index``'s $TF_CONFIG on loopback."""
+    return cluster_config([f"127.0.0.1:{port}" for port in ports], index)
+
+
+def cluster_config(addresses: list[str], index: int) -> str:
+    """Worker ``index``'s $TF_CONFIG for workers at ``addresses`` (HOST:PORT each, one per
+    machine or process); worker 0 is the chief (no separate "chief" task)."""
+    cluster = {"worker": addresses}
     return json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
 
 
