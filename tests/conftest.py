@@ -189,28 +189,3 @@ def server() -> Iterator[Any]:
     finally:
         team.stop()
         shutil.rmtree(state, ignore_errors=True)
-
-
-# Longest first: pytest-xdist hands work to workers as it goes, xdist groups (most tests
-# first) ahead of single tests, the single tests in collection order; a test of minutes
-# collected last ends the run minutes after the rest. These modules, roughly longest first,
-# go ahead of the others.
-LONG_MODULES = (
-    "test_team.py",
-    "test_tracking_server.py",
-    "test_faults_tracking.py",
-    "test_remote.py",
-    "test_evaluate.py",
-    "test_train.py",
-    "test_serve_swap.py",
-    "test_multiworker.py",
-    "test_classifier.py",
-)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    def rank(item: pytest.Item) -> int:
-        name = item.path.name
-        return LONG_MODULES.index(name) if name in LONG_MODULES else len(LONG_MODULES)
-
-    items.sort(key=rank)  # stable: each module keeps its own order

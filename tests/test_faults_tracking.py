@@ -21,9 +21,8 @@ from pipeline.tracking.server import TrackingServer
 
 from helpers import train_stage, wait_for
 
-# One worker runs these in turn (they stop and start the PostgreSQL of conftest.server, a
-# server of that worker's own); the rest of the suite runs beside them.
-pytestmark = pytest.mark.xdist_group("tracking_faults")
+# The session's PostgreSQL + MLflow server (conftest.server): on the worker that has it.
+pytestmark = pytest.mark.xdist_group("tracking_server")
 DATABASE_DOWN = "answers but its database is unavailable (HTTP 503: (psycopg2.OperationalError)"
 
 

@@ -38,7 +38,12 @@ def load() -> Iterator[Load]:
     running.stop()
 
 
-@pytest.fixture(params=["sqlite", "server"])
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("server", marks=pytest.mark.xdist_group("tracking_server")),
+    ]
+)
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> runs.Store:
     """The embedded SQLite store, or the team's tracking server (PostgreSQL)."""
     if request.param == "sqlite":
