@@ -5,6 +5,7 @@ run. Plain helpers live in helpers.py."""
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 import tempfile
@@ -38,6 +39,20 @@ def _no_ambient_mirror(monkeypatch: pytest.MonkeyPatch) -> None:
     """$MNIST_MIRROR (set by .ci/run and offline users) would bypass the loopback mirrors the
     tests serve; tests that want it set it themselves."""
     monkeypatch.delenv("MNIST_MIRROR", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_tracking_uri() -> Iterator[None]:
+    """``mlflow.set_tracking_uri`` also sets ``$MLFLOW_TRACKING_URI``: a test that points
+    MLflow at a server (gone by its end, say) must not send the next test's stages there."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if os.environ.get("MLFLOW_TRACKING_URI") != before:
+        import mlflow
+
+        mlflow.set_tracking_uri(before)  # type: ignore[arg-type]  # None: its default again
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 @pytest.fixture(scope="session")
