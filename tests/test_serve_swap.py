@@ -62,15 +62,16 @@ def test_alias_swap_and_rollback_under_load_drop_nothing(
     first = onnx_generators["conditional"]
     second = variant(first, tmp_path / "second.onnx")
     name = f"{NAME}-{uuid.uuid4().hex[:8]}"  # its own: the server outlives this test
+    experiment = f"swap-{name}"  # not mnist-gan: other tests count the runs there
     ids = {
-        run: evaluated_run(store, EXPERIMENT, run, fid, model, YARDSTICK)
+        run: evaluated_run(store, experiment, run, fid, model, YARDSTICK)
         for run, fid, model in (
             ("exp-a", 2.0, first),
             ("exp-b", 1.5, second),
             ("exp-c", 1.0, onnx_generators["unconditional"]),  # another contract
         )
     }
-    promote(store, name, EXPERIMENT, ids["exp-a"])
+    promote(store, name, experiment, ids["exp-a"])
     env = {
         "MLFLOW_TRACKING_URI": store.uri,
         "MNIST_GAN_MODEL_URI": f"models:/{name}@champion",
@@ -89,7 +90,7 @@ def test_alias_swap_and_rollback_under_load_drop_nothing(
         outcomes = load.start(service.url)
         wait_for(lambda: len(outcomes) > 64, 90, "load started")
 
-        promote(store, name, EXPERIMENT, ids["exp-b"])
+        promote(store, name, experiment, ids["exp-b"])
         service.process.send_signal(signal.SIGHUP)
         wait_for(lambda: service.version() == "2", 90, "swap to version 2")
         np.testing.assert_allclose(pixels(service.url), expected[second], atol=1e-6)
@@ -101,7 +102,7 @@ def test_alias_swap_and_rollback_under_load_drop_nothing(
         wait_for(lambda: service.version() == "1", 90, "rollback to version 1")
         np.testing.assert_allclose(pixels(service.url), expected[first], atol=1e-6)
 
-        promote(store, name, EXPERIMENT, ids["exp-c"], force=True)  # version 3: unconditional
+        promote(store, name, experiment, ids["exp-c"], force=True)  # version 3: unconditional
         service.process.send_signal(signal.SIGHUP)
         wait_for(lambda: "refused" in service.text(), 90, "the refusal")
         assert service.version() == "1"
