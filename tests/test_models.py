@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import keras
@@ -10,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from pipeline.core.images import sample_latents
-from pipeline.core.params import Params
+from pipeline.core.params import Params, ParamsError, parse_params
 from pipeline.training.models import (
     MinibatchStd,
     build_discriminator,
@@ -153,3 +154,39 @@ def test_training_noise_is_a_stream() -> None:
     np.testing.assert_array_equal(uniform, sample_noise("uniform", (20000,), again).numpy())
     with pytest.raises(ValueError, match=r"model.noise: got 'gauss'; allowed"):
         sample_noise("gauss", (2,), rng)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "dcgan"])
+def test_projection_scores_the_label_against_the_last_features(
+    smoke_params: Params, arch: str, tmp_path: Path
+) -> None:
+    """With ``d_projection`` the logit is the plain net's plus <embed(label), features>:
+    zeros at first (the same logits as without it), then each label moves its own rows."""
+    model = _model_params(smoke_params, arch=arch, conditional=True, d_projection=True)
+    d = build_discriminator(model)
+    projection = d.get_layer("label_projection")
+    features = keras.Model(d.inputs, d.get_layer("label_fit").input[0])
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, size=(6, 28, 28, 1)).astype(np.float32)
+    labels = np.array([0, 1, 2, 0, 1, 2], np.int32)
+    before = d([images, labels], training=False).numpy()
+    plain = keras.Model(d.inputs, d.get_layer("logits").output)([images, labels]).numpy()
+    np.testing.assert_array_equal(before, plain)  # zeros: D starts as the net without it
+
+    table = rng.normal(size=projection.embeddings.shape).astype(np.float32)
+    projection.embeddings.assign(table)
+    h = features([images, labels], training=False).numpy()
+    expected = plain[:, 0] + np.sum(h * table[labels], axis=1)
+    after = d([images, labels], training=False).numpy()[:, 0]
+    np.testing.assert_allclose(after, expected, rtol=1e-5, atol=1e-5)
+    d.save(tmp_path / "d.keras")
+    loaded = keras.models.load_model(tmp_path / "d.keras")
+    np.testing.assert_array_equal(loaded([images, labels]).numpy()[:, 0], after)
+
+
+def test_projection_needs_a_conditional_net(smoke_params: Params) -> None:
+    raw = smoke_params.model_dump(mode="json")
+    raw["model"].update(conditional=False, d_projection=True)
+    line = "model.d_projection: got True; allowed only with model.conditional: true"
+    with pytest.raises(ParamsError, match=re.escape(line)):
+        parse_params(raw)

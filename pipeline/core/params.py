@@ -22,6 +22,8 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -55,6 +57,7 @@ class ModelParams(Section):
     d_hidden: list[PositiveInt]  # mlp only
     d_dropout: Probability  # mlp only: dropout after each hidden layer of D
     d_minibatch_std: Annotated[int, Field(ge=0)]  # mlp only: group size (0 = off)
+    d_projection: bool  # conditional only: the label also scores D's last features
     activation: Literal["relu", "leaky_relu"]
     leaky_alpha: Annotated[float, Field(gt=0, lt=1)]
     init: Literal["glorot", "truncated_normal"]
@@ -65,6 +68,13 @@ class ModelParams(Section):
         if self.arch == "mlp" and (not self.g_hidden or not self.d_hidden):
             raise ValueError("arch 'mlp' needs non-empty g_hidden and d_hidden")
         return self
+
+    @field_validator("d_projection")
+    @classmethod
+    def _projection_needs_labels(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("conditional") is False:
+            raise ValueError("allowed only with model.conditional: true (it scores the label)")
+        return value
 
 
 class LossParams(Section):

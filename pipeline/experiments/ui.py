@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.core.params import load_params
 from pipeline.experiments.sweep import LAST_SWEEP
 from pipeline.tracking.runs import resolve_store
-from pipeline.tracking.server import ServerError, wait_healthy
+from pipeline.tracking.services import ServerError, wait_healthy
 
 
 def sweep_run_ids(client: MlflowClient, experiment_id: str) -> list[str]:

@@ -16,15 +16,14 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from pipeline.core import stage
 from pipeline.tracking import credentials, tls
-from pipeline.tracking.server import DEFAULT_STATE, ServerError, stop_group, wait_healthy
+from pipeline.tracking.server import DEFAULT_STATE
+from pipeline.tracking.services import ServerError, run_foreground, stop_group, wait_healthy
 
 BUCKETS = ("mlflow", "dvc")
 DEFAULT_FOLDER = Path(__file__).resolve().parents[2] / ".objects"
@@ -91,6 +90,9 @@ class ObjectStore:
             self.proc.wait(timeout=30)
             self.proc = None
 
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
 
 def keys_from_env() -> tuple[str, str]:
     """The store's access key pair from the environment; one line when one is missing."""
@@ -111,23 +113,12 @@ def main() -> None:
     keys = keys_from_env()
     cert = tls.server_certificate(args.host, args.cert_dir)
     store = ObjectStore(args.folder, keys, args.host, args.port, cert)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    try:
-        store.start()
-        print(
-            f"S3 object store up at {store.endpoint} over {store.folder / 'data'} (buckets: "
-            f"{', '.join(BUCKETS)}). Ctrl-C stops it.",
-            flush=True,
-        )
-        while store.proc is not None and store.proc.poll() is None:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        pass
-    except ServerError as error:
-        print(f"object store: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
-    finally:
-        store.stop()
+    run_foreground(
+        store,
+        "object store",
+        f"S3 object store up at {store.endpoint} over {store.folder / 'data'} (buckets: "
+        f"{', '.join(BUCKETS)}). Ctrl-C stops it.",
+    )
 
 
 if __name__ == "__main__":

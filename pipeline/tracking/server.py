@@ -19,24 +19,17 @@ import contextlib
 import os
 import shutil
 import signal
-import ssl
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
+
+from pipeline.tracking.services import ServerError, run_foreground, stop_group, wait_healthy
 
 PG_BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
 DATABASE = "mlflow"
 DEFAULT_STATE = Path(__file__).resolve().parents[2] / ".tracking"
-# `mlflow server` answers after 8-25 s on a quiet machine, minutes on a busy one
-HEALTH_WAIT_S = 300
 PG_WAIT_S = 60
-
-
-class ServerError(RuntimeError):
-    """A start or stop that failed, with a message saying why and where the log is."""
 
 
 class TrackingServer:
@@ -188,65 +181,24 @@ class TrackingServer:
         self.stop_mlflow()
         self.stop_postgres()
 
+    def running(self) -> bool:
+        return self.mlflow_proc is not None and self.mlflow_proc.poll() is None
 
-def wait_healthy(
-    proc: subprocess.Popen[bytes],
-    uri: str,
-    name: str,
-    wait_s: float = HEALTH_WAIT_S,
-    cafile: Path | None = None,
-    path: str = "/health",
-) -> None:
-    """Return once ``uri`` + ``path`` answers below 400; :class:`ServerError` when ``proc``
-    exits first or ``wait_s`` passes (polled every half second: bounded in count and time).
-    ``cafile``: the certificate an https server must present."""
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise ServerError(f"{name} exited ({proc.returncode})")
-        if healthy(uri, cafile=cafile, path=path):
-            return
-        time.sleep(0.5)
-    raise ServerError(f"{name} not healthy after {wait_s:.0f} s")
-
-
-def healthy(
-    uri: str, timeout: float = 2.0, cafile: Path | None = None, path: str = "/health"
-) -> bool:
-    context = ssl.create_default_context(cafile=str(cafile)) if cafile else None
-    try:
-        with urllib.request.urlopen(f"{uri}{path}", timeout=timeout, context=context) as answer:
-            return bool(answer.status < 400)
-    except urllib.error.HTTPError as error:  # an S3 store answers 403 to anonymous calls
-        return error.code < 500 and path != "/health"
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def stop_group(pid: int, proc: subprocess.Popen[bytes] | None = None, wait_s: float = 20) -> None:
-    """SIGTERM the process group, then SIGKILL it if its leader is still there after
-    ``wait_s``. (Our own child is polled: an exited child stays a zombie until reaped.)"""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            if proc is not None:
-                if proc.poll() is not None:
-                    return
-            else:
-                os.kill(pid, 0)  # raises ProcessLookupError once it is gone
-            time.sleep(0.2)
-        os.killpg(pid, signal.SIGKILL)
+    def foreground(self, banner: str) -> None:
+        """Run until Ctrl-C, SIGTERM (``stop``, through ``run.pid``) or MLflow's exit."""
+        run_foreground(
+            self,
+            "tracking server",
+            banner,
+            pid_file=self.state / "run.pid",
+            exited=f"mlflow server exited; see {self.logs / 'mlflow.log'}",
+        )
 
 
 def _current_user() -> str:
     import pwd
 
     return pwd.getpwuid(os.geteuid()).pw_name
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def main() -> None:
@@ -272,37 +224,13 @@ def main() -> None:
         print(f"tracking server in {server.state} stopped")
         return
 
-    run_foreground(
-        server,
+    server.foreground(
         f"MLflow tracking server up: PostgreSQL in {server.pg_dir}, artifacts in "
         f"{server.state / 'artifacts'}, logs in {server.logs}. Point clients at it:\n\n"
         f"    export MLFLOW_TRACKING_URI={server.uri}\n\n"
         "Ctrl-C or `make tracking-server-stop` stops it; the data stays for the next start.",
     )
     print("tracking server stopped; its data stays in", server.state)
-
-
-def run_foreground(server: TrackingServer, banner: str) -> None:
-    """Start ``server``, print ``banner``, and wait until its MLflow exits, Ctrl-C or SIGTERM
-    (what ``stop`` sends, to the pid in ``run.pid``); both parts are stopped either way. A
-    start that fails is one line on stderr and exit status 1."""
-    signal.signal(signal.SIGTERM, _interrupt)  # `stop` ends the wait below like Ctrl-C does
-    server.state.mkdir(parents=True, exist_ok=True)
-    (server.state / "run.pid").write_text(str(os.getpid()))
-    try:
-        server.start()
-        print(banner, flush=True)
-        while server.mlflow_proc is not None and server.mlflow_proc.poll() is None:
-            time.sleep(1)
-        print(f"mlflow server exited; see {server.logs / 'mlflow.log'}", file=sys.stderr)
-    except KeyboardInterrupt:
-        pass
-    except ServerError as exc:
-        print(f"tracking server: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
-    finally:
-        server.stop()
-        (server.state / "run.pid").unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from pipeline.tracking.server import (
     DEFAULT_STATE,
     PG_BIN,
     TrackingServer,
-    run_foreground,
 )
 
 AUTH_DATABASE = "mlflow_auth"
@@ -145,8 +144,7 @@ def main() -> None:
     cert = tls.server_certificate(args.host, args.state / "tls")
     s3 = args.s3 or f"https://{args.host}:{os.environ.get('OBJECT_STORE_PORT', 9000)}"
     server = TeamServer(args.state, args.host, args.port, secrets, (s3, keys), cert, args.workers)
-    run_foreground(
-        server,
+    server.foreground(
         f"Team MLflow server up (accounts, TLS, artifacts in {s3}). Give teammates the "
         f"certificate {cert[0]}, an account (python -m pipeline.tracking.accounts add NAME) "
         f"and:\n\n    export MLFLOW_TRACKING_URI={server.uri}\n"

@@ -186,6 +186,15 @@ def build_discriminator(model: ModelParams) -> keras.Model:
         x = _dcgan_discriminator(x)
     init = _kernel_init(model) if model.arch == "mlp" else "glorot_uniform"
     logits = layers.Dense(1, kernel_initializer=init, dtype="float32", name="logits")(x)
+    if label is not None and model.d_projection:
+        # Projection D (Miyato & Koyama, 2018): the logit gains <embed(label), features>,
+        # so D scores how well an image fits its label, not only how real it looks. Zeros at
+        # first, as the first layer's label code: D starts as the net without it.
+        code = layers.Embedding(
+            NUM_CLASSES, x.shape[-1], embeddings_initializer="zeros", name="label_projection"
+        )(label)
+        fit = layers.Dot(axes=1, dtype="float32", name="label_fit")([x, code])
+        logits = layers.Add(dtype="float32", name="logits_with_label")([logits, fit])
     inputs = image if label is None else [image, label]
     return keras.Model(inputs, logits, name="discriminator")
 
