@@ -125,6 +125,18 @@ VARIANTS = {
     "seed002-leaky": ("seed002", {"model.activation": "leaky_relu"}),
     "seed002-dropout": ("seed002", {"model.d_dropout": 0.3}),
     "default-float32": ("default", {"train.mixed_precision": False, "train.shards": 1}),
+    "fast": (
+        "default",
+        {
+            "model.g_hidden": [256, 256],
+            "model.d_hidden": [256, 128],
+            "model.d_projection": True,
+            "loss.mode_seeking": 0.1,
+            "train.batch_size": 64,
+            "train.epochs": 28,
+            "train.beta1": 0.0,
+        },
+    ),
     "best": (
         "default",
         {
