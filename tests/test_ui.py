@@ -3,6 +3,7 @@ port, whose links are printed only once it answers."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, free_port
+from helpers import REPO, free_port, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -36,6 +37,39 @@ def test_links_are_printed_once_the_ui_answers(tmp_path: Path) -> None:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as reply:
             assert reply.status == 200
         assert waited > 0.5
+        # mlflow ui's own group (its server and job consumers), found by the store it opened
+        group = _group_of(str(tmp_path / "mlflow.db"))
+        assert group is not None and _members(group)
     finally:
-        ui.terminate()
+        ui.terminate()  # SIGTERM, as `kill` or a supervisor sends: nothing of it may stay
         ui.wait(timeout=60)
+    wait_for(lambda: not _members(group), 30, f"mlflow ui's processes (group {group}) to end")
+
+
+def _processes() -> dict[int, str]:
+    """pid -> command line, of every process that is still there while it is read."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                found[int(entry.name)] = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+    return found
+
+
+def _group_of(marker: str) -> int | None:
+    for pid, command in _processes().items():
+        if marker in command and "mlflow" in command:
+            with contextlib.suppress(ProcessLookupError):
+                return os.getpgid(pid)
+    return None
+
+
+def _members(group: int) -> list[int]:
+    members = []
+    for pid in _processes():
+        with contextlib.suppress(ProcessLookupError):
+            if os.getpgid(pid) == group:
+                members.append(pid)
+    return members

@@ -4,7 +4,8 @@
 by hand. This runs ``mlflow ui`` on the project's store and, once it answers (``/health``:
 it takes seconds to a minute to start), prints the direct links: the training runs of this
 project's experiment (``/#/experiments/<id>/runs``) and, after ``make sweep``, the Compare
-page of that sweep's runs. Ctrl-C stops it.
+page of that sweep's runs. Ctrl-C or SIGTERM stops it, with every process ``mlflow ui``
+started (it runs in a process group of its own).
 
     python -m pipeline.experiments.ui [--port 5000]
 """
@@ -22,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.core.params import load_params
 from pipeline.experiments.sweep import LAST_SWEEP
 from pipeline.tracking.runs import resolve_store
-from pipeline.tracking.services import ServerError, wait_healthy
+from pipeline.tracking.services import run_foreground, stop_group, wait_healthy
 
 
 def sweep_run_ids(client: MlflowClient, experiment_id: str) -> list[str]:
@@ -50,27 +51,44 @@ def links(base: str, uri: str, experiment: str) -> list[str]:
     return lines
 
 
+class MlflowUI:
+    """``mlflow ui`` on ``uri``'s store at 127.0.0.1:``port``, in a process group of its own."""
+
+    def __init__(self, uri: str, port: int) -> None:
+        self.uri, self.port = uri, port
+        self.base = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        command = ["mlflow", "ui", "--backend-store-uri", self.uri, "--host", "127.0.0.1"]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", *command, "--port", str(self.port)], start_new_session=True
+        )
+        try:
+            wait_healthy(self.proc, self.base, "mlflow ui")
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_group(self.proc.pid, self.proc)
+            self.proc.wait(timeout=30)
+            self.proc = None
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=5000)
     args = parser.parse_args()
     uri = resolve_store().uri
-    base = f"http://127.0.0.1:{args.port}"
-    command = ["mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1"]
-    ui = subprocess.Popen([sys.executable, "-m", *command, "--port", str(args.port)])
-    try:
-        wait_healthy(ui, base, "mlflow ui")
-        for line in links(base, uri, load_params().mlflow.experiment):
-            print(line, flush=True)
-        sys.exit(ui.wait())
-    except ServerError as error:
-        sys.exit(f"error: {error}")
-    except KeyboardInterrupt:  # the terminal's Ctrl-C reached mlflow ui too
-        sys.exit(ui.wait(timeout=30))
-    finally:
-        if ui.poll() is None:
-            ui.terminate()
-            ui.wait(timeout=30)
+    ui = MlflowUI(uri, args.port)
+    # Printed once the UI answers: a link that is shown works.
+    banner = "\n".join(links(ui.base, uri, load_params().mlflow.experiment))
+    run_foreground(ui, "mlflow ui", banner, exited="mlflow ui exited")
 
 
 if __name__ == "__main__":

@@ -60,19 +60,26 @@ def healthy(
 
 
 def stop_group(pid: int, proc: subprocess.Popen[bytes] | None = None, wait_s: float = 20) -> None:
-    """SIGTERM the process group, then SIGKILL it if its leader is still there after
-    ``wait_s``. (Our own child is polled: an exited child stays a zombie until reaped.)"""
+    """SIGTERM the process group; once its leader has gone, or after ``wait_s``, SIGKILL
+    whatever is left of the group (MLflow's job consumers can outlive a leader that exited
+    on SIGTERM). Our own child is polled: an exited child stays a zombie until reaped."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            if proc is not None:
-                if proc.poll() is not None:
-                    return
-            else:
-                os.kill(pid, 0)  # raises ProcessLookupError once it is gone
-            time.sleep(0.2)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and _alive(pid, proc):
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
+
+
+def _alive(pid: int, proc: subprocess.Popen[bytes] | None) -> bool:
+    if proc is not None:
+        return proc.poll() is None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 class Service(Protocol):
