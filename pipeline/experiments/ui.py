@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.core.params import load_params
 from pipeline.experiments.sweep import LAST_SWEEP
 from pipeline.tracking.runs import resolve_store
-from pipeline.tracking.services import run_foreground, stop_group, wait_healthy
+from pipeline.tracking.services import GroupProcess, run_foreground, wait_healthy
 
 
 def sweep_run_ids(client: MlflowClient, experiment_id: str) -> list[str]:
@@ -51,7 +51,7 @@ def links(base: str, uri: str, experiment: str) -> list[str]:
     return lines
 
 
-class MlflowUI:
+class MlflowUI(GroupProcess):
     """``mlflow ui`` on ``uri``'s store at 127.0.0.1:``port``, in a process group of its own."""
 
     def __init__(self, uri: str, port: int) -> None:
@@ -69,15 +69,6 @@ class MlflowUI:
         except BaseException:
             self.stop()
             raise
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_group(self.proc.pid, self.proc)
-            self.proc.wait(timeout=30)
-            self.proc = None
-
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
 
 def main() -> None:

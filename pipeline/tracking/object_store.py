@@ -23,7 +23,7 @@ from pathlib import Path
 from pipeline.core import stage
 from pipeline.tracking import credentials, tls
 from pipeline.tracking.server import DEFAULT_STATE
-from pipeline.tracking.services import ServerError, run_foreground, stop_group, wait_healthy
+from pipeline.tracking.services import GroupProcess, ServerError, run_foreground, wait_healthy
 
 BUCKETS = ("mlflow", "dvc")
 DEFAULT_FOLDER = Path(__file__).resolve().parents[2] / ".objects"
@@ -39,7 +39,7 @@ def rclone() -> str:
     return found
 
 
-class ObjectStore:
+class ObjectStore(GroupProcess):
     """``rclone serve s3`` over ``folder`` on ``host:port``; its buckets made as folders."""
 
     def __init__(
@@ -83,15 +83,6 @@ class ObjectStore:
         except ServerError as error:
             self.stop()
             raise ServerError(f"{error}; see {log_path}") from None
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_group(self.proc.pid, self.proc)
-            self.proc.wait(timeout=30)
-            self.proc = None
-
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
 
 def keys_from_env() -> tuple[str, str]:

@@ -82,6 +82,22 @@ def _alive(pid: int, proc: subprocess.Popen[bytes] | None) -> bool:
     return True
 
 
+class GroupProcess:
+    """A service that is one child process leading a process group of its own (started
+    with ``start_new_session=True`` into ``proc``): stopped whole, running while it is."""
+
+    proc: subprocess.Popen[bytes] | None = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_group(self.proc.pid, self.proc)
+            self.proc.wait(timeout=30)
+            self.proc = None
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
 class Service(Protocol):
     def start(self) -> None: ...
     def stop(self) -> None: ...
