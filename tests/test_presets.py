@@ -132,7 +132,6 @@ VARIANTS = {
             "model.d_hidden": [256, 128],
             "model.d_projection": True,
             "loss.mode_seeking": 0.1,
-            "train.batch_size": 64,
             "train.epochs": 28,
             "train.beta1": 0.0,
         },
