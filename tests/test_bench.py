@@ -67,9 +67,10 @@ def test_roofline_counts_each_dense_layer(mnist_dir: Path, dtype: str) -> None:
     gemms = measure(args, "--net", "smoke", "--worker", "roofline", "--threads", "1",
                     "--dtype", dtype)  # fmt: skip
     assert 0 < gemms["seconds_per_image"] < 1e-3 and gemms["peak_flops"] > 0
-    # smoke net: G (latent 100 + label 50) -> 32 -> 784, D 784 -> 32 -> 1. Per image, a
-    # first layer runs 3 (G) or 6 (D: real and fake) GEMMs an iteration, the others 4 or 8.
-    g, d = 2 * (3 * 150 * 32 + 4 * 32 * 784), 2 * (6 * 784 * 32 + 8 * 32 * 1)
+    # smoke net: G (latent + label 50) -> 32 -> 784, D 784 -> 32 -> 1. Per image, a first
+    # layer runs 3 (G) or 6 (D: real and fake) GEMMs an iteration, the others 4 or 8.
+    g_in = train_throughput.load("smoke", {}).model.latent_dim + 50
+    g, d = 2 * (3 * g_in * 32 + 4 * 32 * 784), 2 * (6 * 784 * 32 + 8 * 32 * 1)
     assert gemms["flops_per_image"] == g + d
 
 

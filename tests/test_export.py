@@ -63,7 +63,7 @@ def test_onnx_contract(name: str, onnx_generators: dict[str, Path], smoke_params
     inputs = {value.name: value for value in model.graph.input}
     assert set(inputs) == ({"z", "label"} if params.model.conditional else {"z"})
     assert inputs["z"].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-    assert _dims(inputs["z"]) == ["N", 100]  # dynamic batch
+    assert _dims(inputs["z"]) == ["N", params.model.latent_dim]  # dynamic batch
     if params.model.conditional:
         assert inputs["label"].type.tensor_type.elem_type == onnx.TensorProto.INT64
         assert _dims(inputs["label"]) == ["N"]
@@ -75,7 +75,7 @@ def test_onnx_contract(name: str, onnx_generators: dict[str, Path], smoke_params
 
     metadata = {prop.key: prop.value for prop in model.metadata_props}
     assert set(metadata) == METADATA_KEYS
-    assert metadata["latent_dim"] == "100"
+    assert metadata["latent_dim"] == str(params.model.latent_dim)
     assert metadata["noise"] == params.model.noise
     assert metadata["num_classes"] == ("10" if params.model.conditional else "0")
     assert metadata["preset"] == "smoke"

@@ -116,35 +116,41 @@ def _gan_with(
     steps: int = 100,
     mode_seeking: float = 0.0,
     minibatch_std: int = 0,
+    r1: float = 0.0,
+    r1_every: int = 1,
     **train: Any,
 ) -> GAN:
     keras.utils.set_random_seed(smoke_params.seed)  # the same initial weights every time
+    loss = {"mode_seeking": mode_seeking, "r1": r1, "r1_every": r1_every}
     params = smoke_params.model_copy(
         update={
             "model": smoke_params.model.model_copy(update={"d_minibatch_std": minibatch_std}),
             "train": smoke_params.train.model_copy(update=train),
-            "loss": smoke_params.loss.model_copy(update={"mode_seeking": mode_seeking}),
+            "loss": smoke_params.loss.model_copy(update=loss),
         }
     )
     return GAN(params, tf.distribute.get_strategy(), steps)
 
 
 @pytest.mark.parametrize(
-    ("shards", "mode_seeking", "minibatch_std"), [(2, 0.0, 0), (4, 0.0, 0), (2, 0.1, 4)]
+    ("shards", "mode_seeking", "minibatch_std", "r1"),
+    [(2, 0.0, 0, 0.0), (4, 0.0, 0, 0.0), (2, 0.1, 4, 0.0), (2, 0.0, 0, 1.0)],
 )
 def test_shards_compute_the_same_steps_as_one_batch(
-    smoke_params: Params, mnist_dir: Path, shards: int, mode_seeking: float, minibatch_std: int
+    smoke_params: Params,
+    mnist_dir: Path,
+    shards: int,
+    mode_seeking: float,
+    minibatch_std: int,
+    r1: float,
 ) -> None:
     """train.shards splits each batch into independent parts (one core each on CPU) and sums
     their gradients: the same maths as one batch, up to float rounding. The mode-seeking
     term's pairs (adjacent rows) and the minibatch-stddev feature's groups (within blocks of
-    consecutive rows) are the same in both."""
-    whole = _gan_with(
-        smoke_params, shards=1, mode_seeking=mode_seeking, minibatch_std=minibatch_std
-    )
-    split = _gan_with(
-        smoke_params, shards=shards, mode_seeking=mode_seeking, minibatch_std=minibatch_std
-    )
+    consecutive rows) are the same in both; so is the lazy R1 term (on steps 1 and 3)."""
+    loss = {"mode_seeking": mode_seeking, "minibatch_std": minibatch_std, "r1": r1}
+    whole = _gan_with(smoke_params, shards=1, r1_every=2, **loss)
+    split = _gan_with(smoke_params, shards=shards, r1_every=2, **loss)
     initial = whole.generator.get_weights()[0].copy()
     sums = [gan.train_block(_batches(smoke_params, mnist_dir), tf.constant(3))[0].numpy()
             for gan in (whole, split)]  # fmt: skip
@@ -273,6 +279,31 @@ def test_mode_seeking_adds_its_term_to_gs_loss(smoke_params: Params, mnist_dir: 
     metrics = {name: index for index, name in enumerate(METRICS)}
     assert sums[1][metrics["d_loss"]] == sums[0][metrics["d_loss"]]  # D steps first, unchanged
     assert sums[1][metrics["g_loss"]] > sums[0][metrics["g_loss"]] + 0.5
+
+
+def test_r1_adds_its_term_to_ds_loss_on_due_updates_only(
+    smoke_params: Params, mnist_dir: Path
+) -> None:
+    """From the same weights and batch, D's first loss (update 0: due) grows by the R1 term,
+    twice as much when it is taken on every 2nd update (weighted x2); on update 1 (not due
+    with r1_every 2) the step is bit-identical to one without it."""
+    losses = {}
+    for r1, every in ((0.0, 1), (1.0, 1), (1.0, 2)):
+        gan = _gan_with(smoke_params, r1=r1, r1_every=every)
+        sums = gan.train_block(_batches(smoke_params, mnist_dir), tf.constant(1))[0].numpy()
+        losses[r1, every] = sums[METRICS.index("d_loss")]
+    term = losses[1.0, 1] - losses[0.0, 1]
+    assert term > 1e-4
+    np.testing.assert_allclose(losses[1.0, 2] - losses[0.0, 1], 2 * term, rtol=1e-3)
+
+    weights = []
+    for r1 in (0.0, 1.0):
+        gan = _gan_with(smoke_params, r1=r1, r1_every=2)
+        gan.d_opt.iterations.assign(1)
+        gan.train_block(_batches(smoke_params, mnist_dir), tf.constant(1))
+        weights.append(gan.discriminator.get_weights())
+    for plain, lazy in zip(*weights, strict=True):
+        np.testing.assert_array_equal(lazy, plain)
 
 
 def test_fused_adam_takes_keras_adams_steps() -> None:

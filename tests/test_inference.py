@@ -13,6 +13,7 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
+from pipeline.core.params import Params
 from pipeline.core.png import encode_gray
 from pipeline.inference.generator import (
     Generator,
@@ -36,15 +37,18 @@ def conditional(onnx_generators: dict[str, Path]) -> Generator:
     return Generator(onnx_generators["conditional"])
 
 
-def test_contract_is_read_from_metadata(unconditional: Generator, conditional: Generator) -> None:
+def test_contract_is_read_from_metadata(
+    unconditional: Generator, conditional: Generator, smoke_params: Params
+) -> None:
+    latent = smoke_params.model.latent_dim
     assert (unconditional.latent_dim, unconditional.noise, unconditional.num_classes) == (
-        100,
+        latent,
         "uniform",
         0,
     )
     assert not unconditional.conditional
     assert (conditional.latent_dim, conditional.noise, conditional.num_classes) == (
-        100,
+        latent,
         "normal",
         10,
     )
@@ -107,16 +111,20 @@ def test_conditional_labels(conditional: Generator) -> None:
         ({"n": 2, "digit": 10}, "digit", "from 0 to 9"),
         ({"n": 2, "digit": -1}, "digit", "from 0 to 9"),
         ({"n": 2, "digit": "7"}, "digit", "from 0 to 9"),
-        ({"n": 2, "z": np.zeros((3, 100), np.float32)}, "z", "shape [2, 100]"),
-        ({"n": 2, "z": np.zeros((2, 99), np.float32)}, "z", "shape [2, 100]"),
-        ({"n": 2, "z": np.zeros((2, 100), np.int32)}, "z", "finite float"),
-        ({"n": 2, "z": np.full((2, 100), np.nan, np.float32)}, "z", "finite float"),
-        ({"n": 2, "z": [[0.0] * 100] * 2}, "z", "float array"),
+        # z as a function of the model's latent length n; {n} in the allowed text is n
+        ({"n": 2, "z": lambda n: np.zeros((3, n), np.float32)}, "z", "shape [2, {n}]"),
+        ({"n": 2, "z": lambda n: np.zeros((2, n - 1), np.float32)}, "z", "shape [2, {n}]"),
+        ({"n": 2, "z": lambda n: np.zeros((2, n), np.int32)}, "z", "finite float"),
+        ({"n": 2, "z": lambda n: np.full((2, n), np.nan, np.float32)}, "z", "finite float"),
+        ({"n": 2, "z": lambda n: [[0.0] * n] * 2}, "z", "float array"),
     ],
 )
 def test_bad_input_names_field_value_and_allowed(
     conditional: Generator, kwargs: dict, field: str, allowed: str
 ) -> None:
+    kwargs, allowed = dict(kwargs), allowed.format(n=conditional.latent_dim)
+    if callable(kwargs.get("z")):
+        kwargs["z"] = kwargs["z"](conditional.latent_dim)
     n = kwargs.pop("n")
     with pytest.raises(InputError) as caught:
         conditional.generate(n, **kwargs)

@@ -16,6 +16,7 @@ from pipeline.training.losses import (
     generator_loss,
     gradient_penalty,
     mode_seeking,
+    r1_penalty,
 )
 
 REAL = tf.constant([[0.0], [2.0]])
@@ -70,6 +71,17 @@ def test_gradient_penalty_of_a_linear_critic() -> None:
     real, fake = tf.ones([3, 28, 28, 1]), -tf.ones([3, 28, 28, 1])
     eps = tf.constant([0.0, 0.3, 1.0])[:, None, None, None]
     np.testing.assert_allclose(gradient_penalty(critic, real, fake, eps).numpy(), [169.0] * 3)
+
+
+def test_r1_penalty_of_a_quadratic_critic() -> None:
+    # critic(x) = 0.5 * sum(x^2) - sum(x): its gradient at x is x - 1, so the squared norm
+    # at an image of all 3s is 784 * 2^2 = 3136, at all 1s 0, at all -1s 784 * 4 = 3136.
+    def critic(x: tf.Tensor) -> tf.Tensor:
+        return tf.reduce_sum(0.5 * tf.square(x) - x, axis=[1, 2, 3])
+
+    real = tf.constant([3.0, 1.0, -1.0])[:, None, None, None] * tf.ones([3, 28, 28, 1])
+    np.testing.assert_allclose(r1_penalty(critic, real).numpy(), 6272.0)
+    np.testing.assert_allclose(r1_penalty(critic, real[1:2]).numpy(), 0.0)
 
 
 def test_mode_seeking_pairs_adjacent_rows() -> None:

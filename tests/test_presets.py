@@ -125,25 +125,20 @@ VARIANTS = {
     "seed002-leaky": ("seed002", {"model.activation": "leaky_relu"}),
     "seed002-dropout": ("seed002", {"model.d_dropout": 0.3}),
     "default-float32": ("default", {"train.mixed_precision": False, "train.shards": 1}),
-    "fast": (
+    "best": (  # the default before 2026-12-05 (pinned), with its own five changes
         "default",
         {
-            "model.g_hidden": [256, 256],
-            "model.d_hidden": [256, 128],
-            "model.d_projection": True,
-            "loss.mode_seeking": 0.1,
-            "train.epochs": 28,
-            "train.beta1": 0.0,
-        },
-    ),
-    "best": (
-        "default",
-        {
+            "model.latent_dim": 100,
+            "model.g_hidden": [256, 512],
             "model.d_hidden": [1024, 512],
-            "train.epochs": 60,
-            "train.lr_d": 2.4e-3,
-            "loss.mode_seeking": 0.1,
+            "model.d_projection": False,
             "model.d_minibatch_std": 8,
+            "loss.r1": 0.0,
+            "train.batch_size": 128,
+            "train.epochs": 60,
+            "train.lr_g": 8e-4,
+            "train.lr_d": 2.4e-3,
+            "train.beta1": 0.5,
         },
     ),
 }

@@ -156,8 +156,11 @@ def test_sigkill_then_rerun_is_bit_identical(
     smoke_params: Params, mnist_dir: Path, tmp_path: Path, mlflow_store: str
 ) -> None:
     # With the EMA of G on: the superset of the state (its average is checkpointed too, under
-    # its own key), and generator.keras is then that average.
-    params = _write_params(smoke_params, tmp_path / "params.yaml", epochs=12, ema_decay=0.9)
+    # its own key), and generator.keras is then that average. With lazy R1 on: the resumed
+    # run must take it on the same updates.
+    lazy_r1 = smoke_params.loss.model_copy(update={"r1": 0.1, "r1_every": 4})
+    smoke = smoke_params.model_copy(update={"loss": lazy_r1})
+    params = _write_params(smoke, tmp_path / "params.yaml", epochs=12, ema_decay=0.9)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     reference = tmp_path / "reference"  # uninterrupted, in a fresh process as the stage runs
     done = _stage(params, mnist_dir, reference, env)

@@ -84,6 +84,9 @@ class LossParams(Section):
     d_steps: Annotated[int, Field(ge=1, le=10)]  # discriminator steps per generator step
     # Weight of the mode-seeking term (Mao et al., 2019) in G's loss; 0 = off (no extra ops)
     mode_seeking: Annotated[float, Field(ge=0)]
+    # Weight of the R1 penalty on D's gradient at real images (Mescheder et al., 2018); 0 = off
+    r1: Annotated[float, Field(ge=0)]
+    r1_every: Annotated[int, Field(ge=1, le=64)]  # taken on every N-th D update, weighted xN
 
 
 class TrainParams(Section):

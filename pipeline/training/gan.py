@@ -40,6 +40,7 @@ from pipeline.training.losses import (
     generator_loss,
     gradient_penalty,
     mode_seeking,
+    r1_penalty,
 )
 from pipeline.training.models import build_discriminator, build_generator, sample_noise
 from pipeline.training.optimizers import adam
@@ -137,11 +138,34 @@ class GAN:
         if kind == "wgan_gp":
             critic = lambda x: d(self._with_label(x, labels), training=True)  # noqa: E731
             per_example += self.loss.gp_weight * gradient_penalty(critic, real, fake, eps[0])
+        loss = self._mean(per_example)
+        if self.loss.r1:
+            loss += self._r1(real, labels)
         return (
-            self._mean(per_example),
+            loss,
             self._mean(tf.sigmoid(real_logits)),
             self._mean(tf.sigmoid(fake_logits)),
         )
+
+    def _r1(self, real: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+        """The R1 term of D's loss, r1 / 2 * E|grad D(x)|^2 over the real images. Lazily,
+        as in StyleGAN2: on every ``r1_every``-th D update only, weighted that many times, so
+        it costs 1 / r1_every of its GEMMs and ops and adds the same on average. A function
+        of D's update count, which checkpoints hold: a resumed run takes it on the same steps.
+        D judges in inference mode here, as in G's step: the penalty is on D itself, not on
+        one dropout mask, and it moves no state the nets keep (dropout seeds, batch
+        statistics), which a branch taken only on some updates could not hand back."""
+        every = self.loss.r1_every
+        critic = lambda x: self.discriminator(self._with_label(x, labels))  # noqa: E731
+
+        def term() -> tf.Tensor:  # a sum over the global batch divided by its size, as _mean
+            penalty = r1_penalty(critic, real) * float(every)
+            return 0.5 * self.loss.r1 * penalty / float(self.global_batch)
+
+        if every == 1:
+            return term()
+        due = tf.equal(tf.math.floormod(tf.convert_to_tensor(self.d_opt.iterations), every), 0)
+        return tf.cond(due, term, lambda: tf.zeros([]))
 
     def _g_losses(self, labels: tf.Tensor, z: tf.Tensor) -> tuple[tf.Tensor]:
         weight = self.loss.mode_seeking

@@ -12,7 +12,8 @@ overflow of taking the log of a sigmoid that rounded to 0 or 1.
 - ``hinge``: D minimises relu(1 - D(x)) + relu(1 + D(G(z))); G minimises -D(G(z)).
 
 One-sided label smoothing (real target 1 - s) applies to the two cross-entropy losses.
-The mode-seeking term (:func:`mode_seeking`) can be added to any G loss.
+The mode-seeking term (:func:`mode_seeking`) can be added to any G loss, the R1 penalty
+(:func:`r1_penalty`) to any D loss.
 """
 
 from __future__ import annotations
@@ -84,3 +85,15 @@ def gradient_penalty(
     grads = tape.gradient(scores, mixed)
     norms = tf.sqrt(tf.reduce_sum(tf.square(grads), axis=[1, 2, 3]) + 1e-12)
     return tf.square(norms - 1.0)
+
+
+def r1_penalty(critic: Callable[[tf.Tensor], tf.Tensor], real: tf.Tensor) -> tf.Tensor:
+    """|grad critic(x)|_2^2 summed over the real images ``x`` (R1: Mescheder et al., 2018).
+    Penalising it keeps D flat on the data, so it cannot sharpen its boundary there without
+    end, which is what makes GAN training oscillate near equilibrium. The gradient of the
+    summed scores is each row's own: rows are independent in D."""
+    with tf.GradientTape() as tape:
+        tape.watch(real)
+        scores = tf.reduce_sum(critic(real))
+    grads = tf.cast(tape.gradient(scores, real), tf.float32)
+    return tf.reduce_sum(tf.square(grads))
