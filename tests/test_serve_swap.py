@@ -163,7 +163,8 @@ def test_mlflow_serving_draws_the_same_pixels_as_the_service(
     evaluated_run(store, EXPERIMENT, "exp-a", 2.0, onnx_generators["conditional"], YARDSTICK)
     promote(store, NAME, EXPERIMENT, "exp-a")
     uri = f"models:/{NAME}@champion"
-    z = np.random.default_rng(0).standard_normal((4, 100)).astype(np.float32)
+    latent = Generator(onnx_generators["conditional"]).latent_dim
+    z = np.random.default_rng(0).standard_normal((4, latent)).astype(np.float32)
     labels = np.arange(4, dtype=np.int64)  # the service's digits 0..9 in turn
 
     port = free_port()
