@@ -78,11 +78,7 @@ def gradient_penalty(
 ) -> tf.Tensor:
     """Per-example (|grad critic(x_hat)|_2 - 1)^2 at x_hat = eps * real + (1 - eps) * fake,
     ``eps`` uniform in [0, 1] with shape [N, 1, 1, 1] (Gulrajani et al., 2017)."""
-    mixed = eps * real + (1.0 - eps) * fake
-    with tf.GradientTape() as tape:
-        tape.watch(mixed)
-        scores = critic(mixed)
-    grads = tape.gradient(scores, mixed)
+    grads = _input_gradient(critic, eps * real + (1.0 - eps) * fake)
     norms = tf.sqrt(tf.reduce_sum(tf.square(grads), axis=[1, 2, 3]) + 1e-12)
     return tf.square(norms - 1.0)
 
@@ -90,10 +86,14 @@ def gradient_penalty(
 def r1_penalty(critic: Callable[[tf.Tensor], tf.Tensor], real: tf.Tensor) -> tf.Tensor:
     """|grad critic(x)|_2^2 summed over the real images ``x`` (R1: Mescheder et al., 2018).
     Penalising it keeps D flat on the data, so it cannot sharpen its boundary there without
-    end, which is what makes GAN training oscillate near equilibrium. The gradient of the
-    summed scores is each row's own: rows are independent in D."""
+    end, which is what makes GAN training oscillate near equilibrium."""
+    return tf.reduce_sum(tf.square(_input_gradient(critic, real)))
+
+
+def _input_gradient(critic: Callable[[tf.Tensor], tf.Tensor], x: tf.Tensor) -> tf.Tensor:
+    """d sum(critic(x)) / dx in float32: each row's gradient of its own score (rows are
+    independent in D), recorded so that a penalty on it trains D through it."""
     with tf.GradientTape() as tape:
-        tape.watch(real)
-        scores = tf.reduce_sum(critic(real))
-    grads = tf.cast(tape.gradient(scores, real), tf.float32)
-    return tf.reduce_sum(tf.square(grads))
+        tape.watch(x)
+        scores = tf.reduce_sum(critic(x))
+    return tf.cast(tape.gradient(scores, x), tf.float32)
